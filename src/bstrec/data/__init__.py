@@ -1,0 +1,5 @@
+"""Data layer: canonical schema, loaders, synthetic generator, point-in-time samples."""
+
+from bstrec.data.schema import Dataset, DataFormatError
+
+__all__ = ["DataFormatError", "Dataset"]

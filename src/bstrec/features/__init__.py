@@ -1,0 +1,1 @@
+"""Feature specifications, encoders and online stores."""
