@@ -1,0 +1,35 @@
+# The two set-up commands of the README. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+# Real datasets, when present (CI and the developers' machines have them in ../shared/data).
+DATA_DIR ?= $(or $(BSTREC_DATA_DIR),$(wildcard ../shared/data))
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test lint bench-data clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(BIN)/bstrec quickstart $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	BSTREC_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest
+
+bench-data: $(VENV)/.installed
+	BSTREC_DATA_DIR=$(DATA_DIR) $(BIN)/python benchmarks/bench_data.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

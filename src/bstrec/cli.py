@@ -1,0 +1,148 @@
+"""The ``bstrec`` command line: data, quickstart (later: train, evaluate, index, serve, bench)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from bstrec.config import ConfigError, load_yaml, parse_overrides
+from bstrec.data.report import print_manifest
+
+app = typer.Typer(help="bstrec: sequence-aware two-stage recommender (BST).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Load behaviour logs, build and inspect point-in-time samples.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder with one sub-folder per dataset (ml-1m/, ml-100k/, taobao/, "
+    "amazon/). Default: $BSTREC_DATA_DIR.", envvar="BSTREC_DATA_DIR")]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+@contextmanager
+def stages(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner that names the stage under way, and logs each stage's duration."""
+    with console.status(title) as status:
+        last = [time.perf_counter(), ""]
+
+        def update(name: str) -> None:
+            now = time.perf_counter()
+            if last[1]:
+                console.log(f"{last[1]} [dim]({now - float(last[0]):.1f} s)[/dim]")
+            last[0], last[1] = now, name
+            status.update(f"{title}: {name}")
+
+        yield update
+        update("")
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/bold red] {message}")
+    return typer.Exit(code=2)
+
+
+@data_app.command("build")
+def data_build(
+    dataset: Annotated[str, typer.Option(help="ml-1m, ml-100k, taobao, amazon, synthetic-order, "
+                                         "csv or parquet")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default artifacts/DATASET)")] = None,
+    data_dir: DataDirOpt = None,
+    input_path: Annotated[Path | None, typer.Option(
+        "--input", help="csv/parquet: the file to load")] = None,
+    column: Annotated[list[str] | None, typer.Option(
+        help="csv/parquet column mapping, repeatable: user_id=COL item_id=COL timestamp=COL "
+        "[action=COL value=COL event_id=COL category=COL]")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML file with a `samples:` and/or `dataset:` section")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Sample config override, repeatable: max_len=50, negatives=4, ...")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        help="Dataset loader option, repeatable: e.g. n_users=500 for synthetic-order")] = None,
+    lenient: Annotated[bool, typer.Option(
+        help="Skip and count bad input rows instead of stopping at the first")] = False,
+) -> None:
+    """Build point-in-time samples (Parquet + manifest.json) from a dataset."""
+    from bstrec.data.build import build
+    from bstrec.data.schema import DataFormatError
+    from bstrec.data.tabular import ColumnMapping
+
+    try:
+        file_cfg = load_yaml(config) if config else {}
+        unknown = sorted(set(file_cfg) - {"samples", "dataset"})
+        if unknown:
+            raise ConfigError(f"{config}: unknown sections {unknown}; known: dataset, samples")
+        sample_overrides = {**file_cfg.get("samples", {}), **parse_overrides(set_ or [])}
+        dataset_options = {**file_cfg.get("dataset", {}), **parse_overrides(option or [])}
+        mapping = ColumnMapping.parse(column) if column else None
+        target = out or Path("artifacts") / dataset
+        with stages(f"building {dataset} samples") as progress:
+            samples = build(dataset, target, data_dir=data_dir, input_path=input_path,
+                            mapping=mapping, strict=not lenient, sample_overrides=sample_overrides,
+                            dataset_options=dataset_options, progress=progress)
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    print_manifest(console, samples.manifest, target)
+
+
+@data_app.command("stats")
+def data_stats(
+    path: Annotated[Path, typer.Argument(help="Output folder of `bstrec data build`")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest")] = False,
+) -> None:
+    """Print the statistics of built samples (their manifest.json)."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise fail(f"{manifest_path} not found: is {path} the output of `bstrec data build`?")
+    manifest = json.loads(manifest_path.read_text())
+    if as_json:
+        console.print_json(data=manifest)
+    else:
+        print_manifest(console, manifest, path)
+
+
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="ml-1m or ml-100k")],
+    data_dir: DataDirOpt = None,
+    force: Annotated[bool, typer.Option(help="Download again even if present")] = False,
+) -> None:
+    """Download a public MovieLens archive into DATA_DIR/NAME, verifying its checksum."""
+    from bstrec.data.download import download_movielens
+
+    if data_dir is None:
+        raise fail("no data directory: pass --data-dir or set BSTREC_DATA_DIR")
+    if name not in ("ml-1m", "ml-100k"):
+        raise fail(f"unknown archive {name!r}; choose ml-1m or ml-100k")
+    try:
+        path = download_movielens(name, data_dir, force=force)  # type: ignore[arg-type]
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"{name} is in [bold]{path}[/bold]")
+
+
+@app.command()
+def quickstart(
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path, typer.Option(help="Where artifacts and the report go")] = Path(
+        "artifacts/quickstart"),
+) -> None:
+    """Build data end to end on ML-1M when DATA_DIR holds it, else on the synthetic generator."""
+    from bstrec.quickstart import run_quickstart
+
+    run_quickstart(data_dir, out, console, stages)
