@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, references and reports."""

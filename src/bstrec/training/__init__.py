@@ -1,0 +1,1 @@
+"""Training: pre-built tensors, one plain training loop, checkpoints."""

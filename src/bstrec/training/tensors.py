@@ -1,0 +1,94 @@
+"""Samples as pre-built tensors, so that no Python runs per sample while training.
+
+A split is loaded once into a dict of tensors (the batch contract every ranker reads):
+
+- ``<feature>``: (N,) long for each categorical feature of the spec (user, item, category, ...);
+- ``<feature>``: (N, M) long for each multi-hot feature, 0-padded on the right;
+- ``hist_item``, ``hist_cat``: (N, L) long, RIGHT-aligned: the most recent behaviour sits at
+  index L-1, padding (0) on the left, so that the target appended after it is always at L;
+- ``hist_dt``: (N, L) long seconds between sample and behaviour (0 at padding);
+- ``hist_pos``: (N, L) long time-difference buckets (see features/timebuckets.py; 0 = padding);
+- ``hist_mask``: (N, L) bool, True where a behaviour is present;
+- ``label``: (N,) float.
+
+A batch is the same dict indexed by a tensor of row numbers: one gather per column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from bstrec.features.spec import FeatureSpec
+from bstrec.features.timebuckets import time_bucket_np
+
+Batch = dict[str, torch.Tensor]
+
+
+def pad_lists(col: pl.Series, width: int, *, right_align: bool, dtype: type = np.int64) -> np.ndarray:
+    """(N,) list column -> (N, width) array, 0-padded; keeps the LAST ``width`` entries."""
+    lengths = col.list.len().to_numpy().astype(np.int64)
+    flat = col.explode().drop_nulls().to_numpy().astype(dtype)
+    n = len(lengths)
+    out = np.zeros((n, width), dtype=dtype)
+    if flat.size == 0:
+        return out
+    ends = np.cumsum(lengths)
+    keep = np.minimum(lengths, width)
+    row = np.repeat(np.arange(n), keep)
+    # position of each kept entry counted from the end of its list (0 = last)
+    from_end = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
+    from_end = np.repeat(keep, keep) - 1 - from_end
+    src = np.repeat(ends, keep) - 1 - from_end
+    col_idx = (width - 1 - from_end) if right_align else (np.repeat(keep, keep) - 1 - from_end)
+    out[row, col_idx] = flat[src]
+    return out
+
+
+def to_tensors(frame: pl.DataFrame, spec: FeatureSpec) -> Batch:
+    """Encoded sample rows (see features/spec.py) -> the batch contract above."""
+    t: Batch = {}
+    for f in spec.features:
+        if f.kind == "categorical":
+            t[f.name] = torch.from_numpy(frame[f.name].to_numpy().astype(np.int64))
+        else:
+            width = max(1, int(frame[f.name].list.len().max() or 1))
+            t[f.name] = torch.from_numpy(pad_lists(frame[f.name], width, right_align=False))
+    L = spec.max_len
+    for name in ("hist_item", "hist_cat", "hist_dt"):
+        t[name] = torch.from_numpy(pad_lists(frame[name], L, right_align=True))
+    lengths = np.minimum(frame["hist_item"].list.len().to_numpy(), L)
+    mask = np.arange(L)[None, :] >= (L - lengths)[:, None]
+    t["hist_mask"] = torch.from_numpy(mask)
+    t["hist_pos"] = torch.from_numpy(np.where(mask, time_bucket_np(t["hist_dt"].numpy()), 0))
+    t["label"] = torch.from_numpy(frame["label"].to_numpy().astype(np.float32))
+    return t
+
+
+@dataclass
+class TensorSplit:
+    """One split in memory, served as batches by row-index gathers."""
+
+    tensors: Batch
+
+    def __len__(self) -> int:
+        return int(self.tensors["label"].shape[0])
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, spec: FeatureSpec) -> TensorSplit:
+        return cls(to_tensors(frame, spec))
+
+    def batch(self, rows: torch.Tensor) -> Batch:
+        return {k: v[rows] for k, v in self.tensors.items()}
+
+    def batches(self, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None, start: int = 0) -> Iterator[Batch]:
+        """Batches in order (or a permutation drawn from ``generator``), from batch ``start``."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(start * batch_size, n, batch_size):
+            yield self.batch(order[i:i + batch_size])
