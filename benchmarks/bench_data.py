@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, now, update_section, write_result  # noqa: E402
+from common import machine, median, now, update_section, write_result
 
 PROTOCOLS = {"ml-1m": "ml1m-ctr", "ml-100k": "ml100k-ctr"}
 TARGET_S, TARGET_MB = 20.0, 2048.0

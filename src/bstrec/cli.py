@@ -39,13 +39,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 def stages(title: str) -> Iterator[Callable[[str], None]]:
     """A spinner that names the stage under way, and logs each stage's duration."""
     with console.status(title) as status:
-        last = [time.perf_counter(), ""]
+        started = [time.perf_counter()]
+        current = [""]
 
         def update(name: str) -> None:
             now = time.perf_counter()
-            if last[1]:
-                console.log(f"{last[1]} [dim]({now - float(last[0]):.1f} s)[/dim]")
-            last[0], last[1] = now, name
+            if current[0]:
+                console.log(f"{current[0]} [dim]({now - started[0]:.1f} s)[/dim]")
+            started[0], current[0] = now, name
             status.update(f"{title}: {name}")
 
         yield update
@@ -146,3 +147,55 @@ def quickstart(
     from bstrec.quickstart import run_quickstart
 
     run_quickstart(data_dir, out, console, stages)
+
+
+train_app = typer.Typer(help="Train models on built samples.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("ranker")
+def train_ranker_cmd(
+    model: Annotated[str, typer.Option(help="Ranker to train: bst, din, wdl or wdl_seq")],
+    samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`")],
+    out: Annotated[Path, typer.Option(help="Run folder: best/, last/ and train_result.json")],
+    config: Annotated[Path | None, typer.Option(
+        help="YAML file with a `model:` and/or `train:` section")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Model config override, repeatable: e.g. dropout=0.2")] = None,
+    train_: Annotated[list[str] | None, typer.Option(
+        "--train", help="Train config override, repeatable: lr=1e-3, batch_size=512, "
+        "max_epochs=5, patience=2, seed=1, checkpoint_every=1000, num_threads=8, ...")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its last checkpoint (its configs are the "
+        "defaults)")] = False,
+) -> None:
+    """Train a ranker; early-stops on valid AUC and keeps the best epoch in OUT/best."""
+    from rich.table import Table
+
+    from bstrec.training.task import train_ranker
+
+    try:
+        file_cfg = load_yaml(config) if config else {}
+        unknown = sorted(set(file_cfg) - {"model", "train"})
+        if unknown:
+            raise ConfigError(f"{config}: unknown sections {unknown}; known: model, train")
+        model_overrides = {**file_cfg.get("model", {}), **parse_overrides(set_ or [])}
+        train_overrides = {**file_cfg.get("train", {}), **parse_overrides(train_ or [])}
+        result = train_ranker(model, samples, out, model_overrides=model_overrides,
+                              train_overrides=train_overrides, resume=resume,
+                              console=console)
+    except KeyError as exc:  # an unknown model name in the registry
+        raise fail(str(exc.args[0]) if exc.args else repr(exc)) from None
+    except (ValueError, OSError) as exc:  # ConfigError and CheckpointError are ValueErrors
+        raise fail(str(exc)) from None
+    table = Table(title=f"{model} on {samples}")
+    for col in ("epoch", "steps", "train loss", "valid AUC", "valid logloss", "samples/s"):
+        table.add_column(col, justify="right")
+    for h in result.history:
+        best = " *" if h.epoch == result.best_epoch else ""
+        table.add_row(f"{h.epoch}{best}", str(h.steps), f"{h.train_loss:.4f}",
+                      f"{h.valid_auc:.4f}", f"{h.valid_logloss:.4f}", f"{h.samples_per_s:,.0f}")
+    console.print(table)
+    console.print(f"best valid AUC [bold]{result.best_valid_auc:.4f}[/bold] at epoch "
+                  f"{result.best_epoch} ({result.stop_reason.replace('_', ' ')}); "
+                  f"checkpoint in [bold]{out / 'best'}[/bold]")

@@ -1,5 +1,5 @@
 """Data layer: canonical schema, loaders, synthetic generator, point-in-time samples."""
 
-from bstrec.data.schema import Dataset, DataFormatError
+from bstrec.data.schema import DataFormatError, Dataset
 
 __all__ = ["DataFormatError", "Dataset"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from bstrec.data.reader import Field, Table, check_rows, read_delimited, record_skips
-from bstrec.data.schema import Dataset, DataFormatError, normalize_events
+from bstrec.data.schema import DataFormatError, Dataset, normalize_events
 
 USER_FEATURES = ("gender", "age", "occupation", "zip1")
 ITEM_FEATURES = ("year",)
@@ -142,10 +142,10 @@ def load_ml1m(root: Path, strict: bool = True) -> Dataset:
 
 def age_group(age: pl.Expr) -> pl.Expr:
     """Map exact ages onto ML-1M's age-group codes ("1", "18", ..., "56") as Strings."""
-    expr = pl.when(age < AGE_GROUPS[1]).then(pl.lit(str(AGE_GROUPS[0])))
-    for lower, upper in zip(AGE_GROUPS[1:-1], AGE_GROUPS[2:], strict=True):
-        expr = expr.when(age < upper).then(pl.lit(str(lower)))
-    return expr.otherwise(pl.lit(str(AGE_GROUPS[-1])))
+    # Group index = how many lower bounds above the first the age reaches; under 1 -> group "1".
+    index = pl.sum_horizontal([(age >= bound).cast(pl.Int8) for bound in AGE_GROUPS[1:]])
+    return index.replace_strict(list(range(len(AGE_GROUPS))), [str(a) for a in AGE_GROUPS],
+                                return_dtype=pl.String)
 
 
 def _ml100k_genres(root: Path) -> list[str]:

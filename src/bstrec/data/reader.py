@@ -6,10 +6,13 @@ included in the count, the header too). The work is vectorised with Polars: the 
 one string column (one row per line), split with ``str.split_exact``, checked and cast by
 whole columns. Python only looks at individual rows once they are known to be bad.
 
-Strict mode (the default) raises on the first bad line. Lenient mode (``strict=False``) drops
-bad lines, counts them and keeps the first problem, so that the loader can record the count in
-``dataset.meta["skipped_rows"]`` (see :func:`record_skips`). An empty file is an error in
-both modes: it is never what the caller meant.
+Strict mode (the default) raises on the first bad line that a check finds. The checks run in
+stages (encoding, then field counts and types, then the loader's own checks such as allowed
+values), so an earlier line with a later-stage problem is reported once the file passes the
+earlier stages. Lenient mode (``strict=False``) drops bad lines, counts them and keeps the first
+problem, so that the loader can record the count in ``dataset.meta["skipped_rows"]`` (see
+:func:`record_skips`). An empty file is an error in both modes: it is never what the caller
+meant.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import gzip
 import io
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from bstrec.data.schema import DataFormatError
@@ -38,9 +42,7 @@ DType = pl.DataType | type[pl.DataType]
 
 # Bytes that never occur in text files of interest; one absent from the data is used as the
 # "separator" when Polars reads each whole line as a single field.
-_NO_SEP_CANDIDATES = tuple(bytes([b]) for b in (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 14, 15, 16,
-                                                 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
-                                                 29, 30, 31))
+_NO_SEP_CANDIDATES = tuple(bytes([b]) for b in range(32) if b not in b"\t\n\r")
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
 
 
@@ -76,9 +78,6 @@ class Table:
             return DataFormatError(self.path, problem, line=number)
         return DataFormatError(self.path, f"{self.unit} {number}: {problem}")
 
-    def without_line(self) -> pl.DataFrame:
-        return self.frame.drop(LINE)
-
 
 def read_bytes(path: Path, max_lines: int | None = None) -> bytes:
     """The file's bytes, gunzipped when the name ends in ``.gz``; at most ``max_lines`` lines."""
@@ -102,12 +101,8 @@ def read_bytes(path: Path, max_lines: int | None = None) -> bytes:
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
         raise DataFormatError(path, f"cannot read file: {err}") from err
     data = b"".join(chunks)
-    end = -1
-    for _ in range(max_lines):
-        end = data.find(b"\n", end + 1)
-        if end < 0:
-            return data
-    return data[: end + 1]
+    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    return data if len(newlines) < max_lines else data[: int(newlines[max_lines - 1]) + 1]
 
 
 def _is_utf8(encoding: str) -> bool:
@@ -151,24 +146,25 @@ def decode(path: Path, data: bytes, encoding: str, strict: bool) -> tuple[bytes,
 
 
 def read_lines(path: Path, *, encoding: str = "utf-8", strict: bool = True,
-               max_lines: int | None = None) -> Table:
+               max_lines: int | None = None, data: bytes | None = None) -> Table:
     """The non-blank lines of a text file as a frame ``(LINE, text)``.
 
     Handles ``.gz``, ``\\r\\n`` line ends and a UTF-8 byte-order mark. Raises
     DataFormatError for an empty file (only blank lines counts as empty) in both modes.
+    ``data``: the file's (uncompressed) bytes when the caller has already read them.
     """
     path = Path(path)
-    raw = read_bytes(path, max_lines)
-    data, bad = decode(path, raw, encoding, strict)
-    if not data.strip():
+    raw = read_bytes(path, max_lines) if data is None else data
+    utf8, bad = decode(path, raw, encoding, strict)
+    if not utf8.strip():
         raise DataFormatError(path, "empty file")
-    sep = next((c for c in _NO_SEP_CANDIDATES if c not in data), None)
+    sep = next((c for c in _NO_SEP_CANDIDATES if c not in utf8), None)
     if sep is None:
         raise DataFormatError(path, "binary content: every control character occurs in it")
     # Polars reads each line as one field: an empty line becomes null (so row index + 1 stays
     # the line number), a trailing "\r" is dropped, nothing is unquoted.
     frame = pl.read_csv(
-        io.BytesIO(data), has_header=False, separator=sep.decode(), quote_char=None,
+        io.BytesIO(utf8), has_header=False, separator=sep.decode(), quote_char=None,
         new_columns=[_TEXT], schema={_TEXT: pl.String}, comment_prefix=None,
     ).with_row_index(LINE, offset=1)
     table = Table(path, frame)
@@ -186,14 +182,15 @@ def read_lines(path: Path, *, encoding: str = "utf-8", strict: bool = True,
 
 def read_delimited(path: Path, fields: Sequence[Field] | None, *, separator: str,
                    encoding: str = "utf-8", strict: bool = True, has_header: bool = False,
-                   max_lines: int | None = None) -> Table:
+                   max_lines: int | None = None, data: bytes | None = None) -> Table:
     """Read a delimited file (any separator, ``"::"`` included; no quoting) into typed columns.
 
-    ``fields=None`` takes the names from the header, all as String. A row is bad when it has
+    ``fields=None`` reads every column as String, named from the header, or ``column_1``,
+    ``column_2``, ... (as many as the widest line has) without one. A row is bad when it has
     the wrong number of fields, an empty value in a non-nullable column, or a value that does
     not parse as its column's dtype. Numeric values may carry surrounding spaces.
     """
-    table = read_lines(path, encoding=encoding, strict=strict, max_lines=max_lines)
+    table = read_lines(path, encoding=encoding, strict=strict, max_lines=max_lines, data=data)
     header: tuple[str, ...] = ()
     if has_header:
         first = table.frame.row(0, named=True)
@@ -201,10 +198,14 @@ def read_delimited(path: Path, fields: Sequence[Field] | None, *, separator: str
         table.frame = table.frame.slice(1)
         if table.frame.is_empty():
             raise DataFormatError(path, "no data rows after the header", line=first[LINE])
-    if fields is None:
-        if not has_header:
-            raise ValueError("read_delimited: fields=None needs has_header=True")
+    if fields is None and has_header:
         fields = [Field(h, pl.String, nullable=True) for h in header]
+    elif fields is None:
+        # No header: as many String columns as the widest line, named like Polars names them.
+        widest = table.frame.select(pl.col("text").str.count_matches(separator, literal=True)
+                                    .max()).item()
+        fields = [Field(f"column_{i + 1}", pl.String, nullable=True)
+                  for i in range(int(widest) + 1)]
     names = [f.name for f in fields]
     if len(set(names)) != len(names):
         raise DataFormatError(path, f"duplicate column names {names}")
@@ -216,28 +217,45 @@ def read_delimited(path: Path, fields: Sequence[Field] | None, *, separator: str
         (text.str.count_matches(separator, literal=True) + 1).alias(_NFIELDS),
         text.str.split_exact(separator, n - 1).struct.rename_fields(raw).alias("__parts__"),
     ).unnest("__parts__")
-    typed: list[pl.Expr] = []
-    checks: list[tuple[pl.Expr, pl.Expr]] = [
-        (pl.col(_NFIELDS) != n,
-         pl.concat_str(pl.lit(f"expected {n} fields, got "), pl.col(_NFIELDS).cast(pl.String))),
-    ]
+    # Eager, column by column: the common case (clean data) costs one cast per column, and
+    # the masks of a check are only computed when a cheap null count says something is off.
+    typed: list[pl.Series] = []
+    masks: list[pl.Series] = []
+    messages: list[pl.Expr] = []
+
+    def flag(mask: pl.Series, message: pl.Expr) -> None:
+        if mask.any():
+            masks.append(mask.alias(f"__bad{len(masks)}__"))
+            messages.append(message)
+
+    nfields = frame[_NFIELDS]
+    flag(nfields != n,
+         pl.concat_str(pl.lit(f"expected {n} fields, got "), pl.col(_NFIELDS).cast(pl.String)))
     for f, r in zip(fields, raw, strict=True):
-        value = pl.col(r)
-        if f.dtype != pl.String:
-            value = value.str.strip_chars()  # " 5" is still a number
-        empty = value.is_null() | (value == "")
-        value = pl.when(empty).then(None).otherwise(value)
-        if not f.nullable:
-            checks.append((empty, pl.lit(f"column '{f.name}' is empty")))
+        value = frame[r]
+        empty_msg = pl.lit(f"column '{f.name}' is empty")
         if f.dtype == pl.String:
+            empty = value.is_null() | (value == "")
+            if empty.any():
+                value = pl.select(pl.when(empty).then(None).otherwise(value)).to_series()
+                if not f.nullable:
+                    flag(empty, empty_msg)
             typed.append(value.alias(f.name))
             continue
-        typed.append(value.cast(f.dtype, strict=False).alias(f.name))
-        kind = "an integer" if f.dtype.is_integer() else "a number"
-        checks.append((~empty & pl.col(f.name).is_null(),
-                       pl.concat_str(pl.lit(f"column '{f.name}': '"), pl.col(r),
-                                     pl.lit(f"' is not {kind}"))))
-    frame = frame.with_columns(typed)
+        cast = value.cast(f.dtype, strict=False)
+        if cast.null_count():  # empty, padded with spaces (" 5" is still a number), or bad
+            stripped = value.str.strip_chars()
+            empty = stripped.is_null() | (stripped == "")
+            cast = stripped.cast(f.dtype, strict=False)
+            if not f.nullable:
+                flag(empty, empty_msg)
+            kind = "an integer" if f.dtype.is_integer() else "a number"
+            flag(~empty & cast.is_null(),
+                 pl.concat_str(pl.lit(f"column '{f.name}': '"), pl.col(r),
+                               pl.lit(f"' is not {kind}")))
+        typed.append(cast.alias(f.name))
+    frame = frame.with_columns(typed + masks)
+    checks = [(pl.col(m.name), msg) for m, msg in zip(masks, messages, strict=True)]
     table = check_rows(replace(table, frame=frame, header=header), checks, strict=strict)
     table.frame = table.frame.select(LINE, *names)
     return table
@@ -247,23 +265,28 @@ def check_rows(table: Table, checks: Sequence[tuple[pl.Expr, pl.Expr]], *,
                strict: bool) -> Table:
     """Apply ``(is_bad, message)`` checks to every row: raise (strict) or drop and count.
 
-    The first check that fires names a row's problem. Both expressions are evaluated over the
-    whole frame; messages are only built for the bad rows.
+    The first check that fires names a row's problem. The checks are evaluated over the whole
+    frame (so they may use window expressions such as ``is_duplicated``); the messages only for
+    the bad rows, so they must be row-wise.
     """
     if not checks or table.frame.is_empty():
         return table
-    bad_mask = pl.any_horizontal([c.fill_null(False) for c, _ in checks])
-    bad = table.frame.filter(bad_mask)
+    masks = [f"__bad{i}__" for i in range(len(checks))]
+    flagged = table.frame.with_columns(
+        [c.fill_null(False).alias(m) for (c, _), m in zip(checks, masks, strict=True)])
+    bad_mask = pl.any_horizontal(masks)
+    bad = flagged.filter(bad_mask)
     if bad.is_empty():
         return table
     problems = bad.select(
         LINE,
-        pl.coalesce([pl.when(c.fill_null(False)).then(m) for c, m in checks]).alias("problem"),
+        pl.coalesce([pl.when(pl.col(m)).then(msg)
+                     for (_, msg), m in zip(checks, masks, strict=True)]).alias("problem"),
     ).sort(LINE)
     if strict:
         line, problem = problems.row(0)
         raise table.error(int(line), str(problem))
-    kept = table.frame.filter(~bad_mask)
+    kept = flagged.filter(~bad_mask).drop(masks)
     out = _merge_skips(table, problems)
     out.frame = kept
     _fail_if_all_bad(out)
@@ -274,6 +297,20 @@ def _drop(table: Table, problems: pl.DataFrame) -> Table:
     """Drop the rows whose LINE is in ``problems`` (``LINE``, ``problem``) and count them."""
     out = _merge_skips(table, problems.sort(LINE))
     out.frame = table.frame.join(problems.select(LINE), on=LINE, how="anti")
+    return out
+
+
+def note_skipped(table: Table, problems: Mapping[int, str]) -> Table:
+    """Count rows the caller already left out of ``table.frame`` (``{line: problem}``).
+
+    Raises DataFormatError when nothing is left.
+    """
+    if not problems:
+        return table
+    frame = pl.DataFrame({LINE: list(problems), "problem": list(problems.values())},
+                         schema={LINE: pl.UInt32, "problem": pl.String}).sort(LINE)
+    out = _merge_skips(table, frame)
+    _fail_if_all_bad(out)
     return out
 
 

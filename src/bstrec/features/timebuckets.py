@@ -26,4 +26,5 @@ def time_bucket(dt: torch.Tensor, n_buckets: int = N_TIME_BUCKETS) -> torch.Tens
 def time_bucket_np(dt: np.ndarray, n_buckets: int = N_TIME_BUCKETS) -> np.ndarray:
     """NumPy twin of :func:`time_bucket` for the pre-built tensors and the serving path."""
     b = np.floor(np.log2(np.maximum(dt, 0).astype(np.float64) + 1.0)).astype(np.int64)
-    return 1 + np.minimum(b, n_buckets - 2)
+    out: np.ndarray = 1 + np.minimum(b, n_buckets - 2)
+    return out

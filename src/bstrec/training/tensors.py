@@ -32,9 +32,9 @@ Batch = dict[str, torch.Tensor]
 def pad_lists(col: pl.Series, width: int, *, right_align: bool, dtype: type = np.int64) -> np.ndarray:
     """(N,) list column -> (N, width) array, 0-padded; keeps the LAST ``width`` entries."""
     lengths = col.list.len().to_numpy().astype(np.int64)
-    flat = col.explode().drop_nulls().to_numpy().astype(dtype)
+    flat: np.ndarray = col.explode().drop_nulls().to_numpy().astype(dtype)
     n = len(lengths)
-    out = np.zeros((n, width), dtype=dtype)
+    out: np.ndarray = np.zeros((n, width), dtype=dtype)
     if flat.size == 0:
         return out
     ends = np.cumsum(lengths)
@@ -56,7 +56,7 @@ def to_tensors(frame: pl.DataFrame, spec: FeatureSpec) -> Batch:
         if f.kind == "categorical":
             t[f.name] = torch.from_numpy(frame[f.name].to_numpy().astype(np.int64))
         else:
-            width = max(1, int(frame[f.name].list.len().max() or 1))
+            width = max(1, int(frame[f.name].list.len().max() or 1))  # type: ignore[arg-type]
             t[f.name] = torch.from_numpy(pad_lists(frame[f.name], width, right_align=False))
     L = spec.max_len
     for name in ("hist_item", "hist_cat", "hist_dt"):

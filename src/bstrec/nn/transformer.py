@@ -1,0 +1,55 @@
+"""One Transformer encoder block as BST uses it (Chen et al. 2019, eqs. 2-6).
+
+Notation: B batch, T tokens (L+1 in BST), D width, H heads.
+
+    S' = LayerNorm(S + Dropout(MultiHead(S)))
+    F  = LayerNorm(S' + Dropout(LeakyReLU(S' W1 + b1) W2 + b2))
+
+Post-LayerNorm as in the paper. Keys at padding positions are masked out of every query's
+attention; each sample must have at least one present key (BST's target token always is).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TransformerBlock(nn.Module):
+    """(B, T, D), keep (B, T) bool (True = present) -> (B, T, D)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.0,
+                 leaky_slope: float = 0.01) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.LeakyReLU(leaky_slope),
+                                 nn.Linear(ffn_dim, dim))
+        self.ln2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (B, H, T, D/H)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self._qkv(x)
+        mask = keep[:, None, None, :]  # (B, 1, 1, T): which keys every query may attend to
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D/H)
+        x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, D))))
+        out: Tensor = self.ln2(x + self.drop(self.ffn(x)))  # (B, T, D)
+        return out
+
+    def attention_weights(self, x: Tensor, keep: Tensor) -> Tensor:
+        """(B, T, D), (B, T) -> (B, H, T, T) softmax weights, recomputed explicitly (not hot)."""
+        q, k, _ = self._qkv(x)
+        scores = q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5)  # (B, H, T, T)
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        return torch.softmax(scores, -1)

@@ -1,0 +1,131 @@
+"""Export a ranker to ONNX and score with ONNX Runtime, without torch on the serving path.
+
+Notation: B batch (candidates), L history length, M multi-hot width.
+
+The exported graph takes the batch contract (training/tensors.py) as named inputs, in the order
+:func:`model_inputs` gives: every feature of the spec ((B,) int64, or (B, M) int64 for multi-hot),
+then ``hist_item``, ``hist_cat``, ``hist_pos`` (B, L) int64 and ``hist_mask`` (B, L) bool; it
+returns ``logits`` (B,) float32. B and M are dynamic; L is the spec's ``max_len``. The feature spec
+travels in the file's metadata (``bstrec.spec``). Inputs a model ignores (Wide&Deep's history)
+stay declared, so that every exported ranker is fed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bstrec.features.spec import FeatureSpec
+
+SEQUENCE_INPUTS = ("hist_item", "hist_cat", "hist_pos", "hist_mask")
+OPSET = 20
+
+
+def model_inputs(spec: FeatureSpec) -> tuple[str, ...]:
+    """Names of the exported graph's inputs, in order."""
+    return (*(f.name for f in spec.features), *SEQUENCE_INPUTS)
+
+
+class _Positional(nn.Module):
+    """Positional tensors -> the wrapped ranker's batch dict (ONNX graphs take named tensors)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        out: Tensor = self.model(dict(zip(self.names, xs, strict=True)))
+        return out
+
+
+def example_batch(spec: FeatureSpec, batch: int = 3, multi_width: int = 2) -> dict[str, Tensor]:
+    """A small valid batch (ids 2, the first value seen in train) to trace the graph with."""
+    L = spec.max_len
+    b: dict[str, Tensor] = {}
+    for f in spec.features:
+        shape = (batch,) if f.kind == "categorical" else (batch, multi_width)
+        b[f.name] = torch.full(shape, min(2, f.vocab_size - 1), dtype=torch.long)
+    mask = torch.zeros(batch, L, dtype=torch.bool)
+    mask[:, L // 2:] = True
+    for name in ("hist_item", "hist_cat"):
+        b[name] = torch.where(mask, 2, 0)
+    b["hist_pos"] = torch.where(mask, 3, 0)
+    b["hist_mask"] = mask
+    return b
+
+
+def export_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path:
+    """Write ``model`` (in eval mode) as an ONNX graph with a dynamic batch size; returns path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = model_inputs(spec)
+    was_training = model.training
+    wrapper = _Positional(model, names).eval()
+    example = example_batch(spec)
+    args = tuple(example[n] for n in names)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    multi = {f.name for f in spec.features if f.kind == "multi"}
+    dims: list[dict[int, Any]] = [
+        {0: batch, 1: torch.export.Dim(f"{n}_width", min=1, max=1 << 12)} if n in multi
+        else {0: batch} for n in names]
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    try:
+        onnx_log.setLevel(logging.ERROR)  # the exporter's chatter about torchvision etc.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, args, input_names=list(names), output_names=["logits"],
+                dynamic_shapes=(tuple(dims),), opset_version=OPSET, dynamo=True,
+                verbose=False)
+    finally:
+        onnx_log.setLevel(level)
+        model.train(was_training)
+    assert program is not None
+    program.model.metadata_props["bstrec.spec"] = json.dumps(spec.to_dict())
+    program.model.metadata_props["bstrec.inputs"] = json.dumps(list(names))
+    config = getattr(model, "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        program.model.metadata_props["bstrec.config"] = json.dumps(dataclasses.asdict(config))
+    program.model.metadata_props["bstrec.model"] = type(model).__name__
+    program.save(str(path))
+    return path
+
+
+class OnnxRanker:
+    """An exported ranker in ONNX Runtime: ``predict(batch) -> logits (B,)`` float32."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort  # type: ignore[import-untyped]  # only serving needs it
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.spec = FeatureSpec.from_dict(json.loads(meta["bstrec.spec"]))
+        self.input_names: tuple[str, ...] = tuple(i.name for i in self.session.get_inputs())
+
+    def predict(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Batch contract as NumPy arrays (extra keys ignored) -> (B,) float32 logits."""
+        feed = {n: np.ascontiguousarray(batch[n], dtype=np.bool_ if n == "hist_mask"
+                                        else np.int64) for n in self.input_names}
+        out = self.session.run(["logits"], feed)[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def load_runtime(path: str | Path, threads: int | None = None) -> OnnxRanker:
+    """The runtime for an exported ranker file (see :func:`export_ranker`)."""
+    return OnnxRanker(path, threads=threads)
