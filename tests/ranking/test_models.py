@@ -222,3 +222,12 @@ def test_loss_falls(name: str) -> None:
     if name != "wdl":
         # ~0.35 is the best a model blind to the history can do on this task
         assert after < 0.3, (before, after)
+
+
+def test_bst_attention_learns_target_behaviour_matches() -> None:
+    """With unit-scale tokens BST learns the match itself, not just the history's length."""
+    torch.manual_seed(0)
+    spec = make_spec()
+    model = build_ranker("bst", spec, {"mlp": [64, 32], "token_init_std": 1.0})
+    before, after = _train(model, spec, history_task(spec, 1024, seed=2))
+    assert after < 0.1, (before, after)

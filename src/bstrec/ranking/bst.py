@@ -54,10 +54,10 @@ class BSTConfig:
     cat_dim: int = 16  # token part from the category
     pos_dim: int = 16  # token part from the position (absent when position="none")
     embed_dim: int = 16  # width of each other feature's embedding
-    # Token tables start at unit scale, like a Transformer's inputs: with a CTR-style tiny init the
-    # attention logits start near 0 and the blocks take far longer to learn target/behaviour
-    # matches (measured on tests/ranking's history task). The other features start at 0.05.
-    token_init_std: float = 1.0
+    # Init scale of the token tables (item, category, position). 1.0 makes the attention learn
+    # target/behaviour matches sooner on synthetic tasks, but one epoch of ML-1M gave valid AUC
+    # 0.722 with 1.0 against 0.737 with 0.05 (the scale every other table starts at).
+    token_init_std: float = 0.05
     position: Position = "time"  # time-difference bucket | index in sequence | sin/cos | none
     blocks: int = 1
     heads: int = 8
@@ -148,10 +148,9 @@ class BST(nn.Module):
         x, keep, other = self._tokens(batch)  # (B, L+1, D), (B, L+1), (B, F')
         for block in self.blocks:
             x = block(x, keep)  # (B, L+1, D)
-        if self.config.output == "concat":
-            seq = (x * keep.unsqueeze(-1).to(x.dtype)).flatten(1)  # (B, (L+1)*D)
-        else:
-            seq = x[:, -1]  # (B, D)
+        # (B, (L+1)*D) with padding zeroed, or the target's (B, D)
+        seq = (x * keep.unsqueeze(-1).to(x.dtype)).flatten(1) if self.config.output == "concat" \
+            else x[:, -1]
         logits: Tensor = self.mlp(torch.cat([seq, other], 1)).squeeze(-1)  # (B,)
         return logits
 
