@@ -84,3 +84,37 @@ def test_quickstart_without_data_dir_falls_back_to_synthetic(
     assert manifest["protocol"] == "synthetic-order"
     assert f"{manifest['splits']['train']:,}" in report
     assert str((out / "report.md").resolve()) in res.output.replace("\n", "")
+
+
+def test_train_then_evaluate_writes_the_report(tmp_path: Path) -> None:
+    samples = tmp_path / "syn"
+    res = runner.invoke(app, ["data", "build", "--dataset", "synthetic-order", "--out",
+                              str(samples), "--option", "n_users=80",
+                              "--option", "events_per_user=[10,30]"])
+    assert res.exit_code == 0, res.output
+    small = ["--set", "mlp=[16]", "--train", "max_epochs=1", "--train", "batch_size=128"]
+    runs = []
+    for model, seed in (("bst", 0), ("bst", 1), ("din", 0), ("wdl", 0)):
+        out = tmp_path / f"{model}{seed}"
+        res = runner.invoke(app, ["train", "ranker", "--model", model, "--samples", str(samples),
+                                  "--out", str(out), *small, "--train", f"seed={seed}"])
+        assert res.exit_code == 0, res.output
+        runs += ["--run", f"{model}={out}"]
+    report_dir = tmp_path / "report"
+    res = runner.invoke(app, ["evaluate", "--samples", str(samples), *runs, "--out",
+                              str(report_dir), "--n-boot", "50"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["models"]["bst"]["seeds"] == 2 and metrics["models"]["din"]["seeds"] == 1
+    assert metrics["baseline"] == "wdl" and metrics["bootstrap"]["a"] == "bst"
+    assert set(metrics["references"]) == {"item_rate", "rate_lr"}
+    for png in ("auc_by_history_length.png", "calibration.png", "attention.png"):
+        assert (report_dir / png).stat().st_size > 1000
+    assert "| bst | 2 |" in (report_dir / "report.md").read_text()
+
+    bad = runner.invoke(app, ["evaluate", "--samples", str(samples), "--run", "bst",
+                              "--out", str(tmp_path / "r2")])
+    assert bad.exit_code == 2 and "expected NAME=PATH" in bad.output
+    missing = runner.invoke(app, ["evaluate", "--samples", str(samples), "--run",
+                                  f"bst={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r3")])
+    assert missing.exit_code == 2 and "holds no checkpoint" in missing.output

@@ -1,4 +1,4 @@
-"""The ``bstrec`` command line: data, quickstart (later: train, evaluate, index, serve, bench)."""
+"""The ``bstrec`` command line: data, train, evaluate, quickstart (later: index, serve)."""
 
 from __future__ import annotations
 
@@ -199,3 +199,34 @@ def train_ranker_cmd(
     console.print(f"best valid AUC [bold]{result.best_valid_auc:.4f}[/bold] at epoch "
                   f"{result.best_epoch} ({result.stop_reason.replace('_', ' ')}); "
                   f"checkpoint in [bold]{out / 'best'}[/bold]")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`")],
+    run: Annotated[list[str], typer.Option(
+        help="NAME=PATH of a training run (or checkpoint), repeatable; several runs under one "
+        "NAME are seeds of that model: --run bst=runs/bst_s0 --run bst=runs/bst_s1")],
+    out: Annotated[Path, typer.Option(help="Report folder: report.md, metrics.json, plots")] = Path(
+        "artifacts/report"),
+    baseline: Annotated[str, typer.Option(help="Model that RelaImpr is measured over")] = "wdl",
+    compare: Annotated[str, typer.Option(
+        help="A,B: the pair whose AUC difference gets a paired bootstrap interval")] = "bst,din",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (of users)")] = 1000,
+) -> None:
+    """Test AUC, GAUC, logloss, RelaImpr, calibration and AUC by history length of trained
+    rankers, with the count-based references, a BST-DIN bootstrap and plots."""
+    from bstrec.evaluation.evaluate import evaluate_runs, parse_runs
+
+    pair = tuple(x.strip() for x in compare.split(","))
+    try:
+        if len(pair) != 2:
+            raise ValueError(f"--compare {compare!r}: expected two names, A,B")
+        runs = parse_runs(run)
+        with console.status("scoring the test split"):
+            report = evaluate_runs(samples, runs, out, baseline=baseline,
+                                   compare=(pair[0], pair[1]), n_boot=n_boot)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    console.print(report.read_text(), markup=False, highlight=False)
+    console.print(f"report in [bold]{report}[/bold] (metrics.json and plots beside it)")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import polars as pl
@@ -255,36 +255,14 @@ def build_samples(dataset: Dataset, cfg: SampleConfig | None = None, *,
     # 4. encode items and users once, then join to samples
     item_enc = encode_items(items, dataset, vocabs)
     user_enc = encode_users(dataset.users, dataset, vocabs)
-    ev_item = events.select("item_id").join(item_enc.select("item_id", "item", "category"),
-                                            on="item_id", how="left", maintain_order="left")
-    ev_item_idx = ev_item["item"].fill_null(OOV)
-    ev_cat_idx = vocabs["category"].encode(events["category"]).to_numpy()
 
     stage("gathering histories")
     # 5. histories: the slice of user-sorted events before each sample's event
-    offsets, hidx = gather_lists(first[ev_idx], lengths[ev_idx])
-    ev_ts = events["timestamp"].to_numpy()
-    sample_of = np.repeat(np.arange(len(ev_idx)), lengths[ev_idx])
-    hist_dt = ts[sample_of] - ev_ts[hidx]
-    hist = [
-        list_series("hist_item", offsets, ev_item_idx.to_numpy()[hidx].astype(np.int32)),
-        list_series("hist_cat", offsets, ev_cat_idx[hidx].astype(np.int32)),
-        list_series("hist_dt", offsets, hist_dt.astype(np.int64)),
-    ]
-    if raw_history:
-        raw_ids = events["item_id"].to_numpy()[hidx]
-        hist.append(list_series("hist_item_id", offsets, raw_ids))
+    hist = history_columns(events, item_enc, vocabs, first[ev_idx], lengths[ev_idx], ts,
+                           raw_history=raw_history)
 
     spec = make_spec(dataset, vocabs, cfg.max_len)
-    out = (samples.with_columns(*hist)
-           .join(user_enc, on="user_id", how="left", maintain_order="left")
-           .join(item_enc, on="item_id", how="left", maintain_order="left")
-           .with_columns(context_columns(pl.col("timestamp"))))
-    # Users or items absent from their tables join as null: they are out of vocabulary.
-    out = out.with_columns(
-        vocabs["hour"].encode(out["hour"]), vocabs["dow"].encode(out["dow"]),
-        *[pl.col(f.name).fill_null(OOV if f.kind == "categorical" else [])
-          for f in spec.features if f.group != "context"])
+    out = assemble_rows(samples.with_columns(*hist), user_enc, item_enc, vocabs, spec)
     feature_cols = [f.name for f in spec.features]
     cols = ["user_id", "item_id", "timestamp", "label", *feature_cols,
             "hist_item", "hist_cat", "hist_dt", *(["hist_item_id"] if raw_history else [])]
@@ -293,7 +271,61 @@ def build_samples(dataset: Dataset, cfg: SampleConfig | None = None, *,
     return SampleSet(splits=splits, vocabs=vocabs, spec=spec, manifest=manifest, dataset=dataset)
 
 
-def encode_items(items: pl.DataFrame, dataset: Dataset, vocabs: Vocabularies) -> pl.DataFrame:
+class FeatureColumns(Protocol):
+    """Which raw user/item columns are features: a Dataset, or online the FeatureSpec's view."""
+
+    @property
+    def user_features(self) -> tuple[str, ...]: ...
+    @property
+    def item_features(self) -> tuple[str, ...]: ...
+    @property
+    def item_multi_features(self) -> tuple[str, ...]: ...
+
+
+def history_columns(events: pl.DataFrame, item_enc: pl.DataFrame, vocabs: Vocabularies,
+                    first: np.ndarray, lengths: np.ndarray, sample_ts: np.ndarray, *,
+                    raw_history: bool = False) -> list[pl.Series]:
+    """``hist_item``, ``hist_cat``, ``hist_dt`` (and ``hist_item_id``) list columns.
+
+    ``events``: user-sorted events (``item_id``, ``timestamp``, ``category``); sample j's history
+    is ``events[first[j] : first[j] + lengths[j]]`` seen at time ``sample_ts[j]``. Shared by the
+    offline builder and the online features (features/online.py), so that both encode alike.
+    """
+    ev_item = events.select("item_id").join(item_enc.select("item_id", "item", "category"),
+                                            on="item_id", how="left", maintain_order="left")
+    ev_item_idx = ev_item["item"].fill_null(OOV)
+    ev_cat_idx = vocabs["category"].encode(events["category"]).to_numpy()
+    offsets, hidx = gather_lists(first, lengths)
+    ev_ts = events["timestamp"].to_numpy()
+    sample_of = np.repeat(np.arange(len(first)), lengths)
+    hist_dt = sample_ts[sample_of] - ev_ts[hidx]
+    hist = [
+        list_series("hist_item", offsets, ev_item_idx.to_numpy()[hidx].astype(np.int32)),
+        list_series("hist_cat", offsets, ev_cat_idx[hidx].astype(np.int32)),
+        list_series("hist_dt", offsets, hist_dt.astype(np.int64)),
+    ]
+    if raw_history:
+        raw_ids = events["item_id"].to_numpy()[hidx]
+        hist.append(list_series("hist_item_id", offsets, raw_ids))
+    return hist
+
+
+def assemble_rows(samples: pl.DataFrame, user_enc: pl.DataFrame, item_enc: pl.DataFrame,
+                  vocabs: Vocabularies, spec: FeatureSpec) -> pl.DataFrame:
+    """Samples (``user_id``, ``item_id``, ``timestamp``, ...) with every encoded feature column
+    joined on: user and target-item columns, context of the timestamp. Shared with serving."""
+    out = (samples
+           .join(user_enc, on="user_id", how="left", maintain_order="left")
+           .join(item_enc, on="item_id", how="left", maintain_order="left")
+           .with_columns(context_columns(pl.col("timestamp"))))
+    # Users or items absent from their tables join as null: they are out of vocabulary.
+    return out.with_columns(
+        vocabs["hour"].encode(out["hour"]), vocabs["dow"].encode(out["dow"]),
+        *[pl.col(f.name).fill_null(OOV if f.kind == "categorical" else [])
+          for f in spec.features if f.group != "context"])
+
+
+def encode_items(items: pl.DataFrame, dataset: FeatureColumns, vocabs: Vocabularies) -> pl.DataFrame:
     """Item id -> encoded target-item columns (``item``, ``category``, ``item_<feature>``)."""
     cols = [
         vocabs["item_id"].encode(items["item_id"]).alias("item"),
@@ -306,7 +338,7 @@ def encode_items(items: pl.DataFrame, dataset: Dataset, vocabs: Vocabularies) ->
     return pl.DataFrame([items["item_id"], *cols])
 
 
-def encode_users(users: pl.DataFrame, dataset: Dataset, vocabs: Vocabularies) -> pl.DataFrame:
+def encode_users(users: pl.DataFrame, dataset: FeatureColumns, vocabs: Vocabularies) -> pl.DataFrame:
     """User id -> encoded user columns (``user``, ``user_<feature>``)."""
     cols = [vocabs["user_id"].encode(users["user_id"]).alias("user")]
     for f in dataset.user_features:
@@ -314,7 +346,7 @@ def encode_users(users: pl.DataFrame, dataset: Dataset, vocabs: Vocabularies) ->
     return pl.DataFrame([users["user_id"], *cols])
 
 
-def make_spec(dataset: Dataset, vocabs: Vocabularies, max_len: int) -> FeatureSpec:
+def make_spec(dataset: FeatureColumns, vocabs: Vocabularies, max_len: int) -> FeatureSpec:
     feats = [Feature("user", "categorical", "user", len(vocabs["user_id"]), "user_id")]
     feats += [Feature(f"user_{f}", "categorical", "user", len(vocabs[f"user_{f}"]), f"user_{f}")
               for f in dataset.user_features]

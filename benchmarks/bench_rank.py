@@ -1,0 +1,266 @@
+"""Rank-stage benchmark: BST, DIN, WDL, WDL(+Seq), BST ablations and torch-rechub's peers on the
+very same samples, several seeds, test AUC / GAUC / logloss and training throughput.
+
+For each protocol (synthetic-order, ml100k-ctr, ml1m-ctr):
+
+1. builds the samples (P1/P3/P4) into ``WORKDIR/<protocol>/samples``;
+2. trains every (model, seed) with the same loop, optimizer, batch size and early stopping on
+   valid AUC (selection on valid only); a finished run folder is reused, a killed one resumed,
+   so the script can be stopped and started again;
+3. scores the test split once per run and writes the report of ``bstrec evaluate`` (tables, AUC
+   by history length, calibration, attention map, paired bootstrap BST - DIN) into
+   ``WORKDIR/<protocol>/report``;
+4. measures training throughput side by side: every model does the same training steps on the
+   same batches, interleaved in rounds so that load on a shared machine hits all alike; the
+   median over rounds is reported;
+5. writes ``benchmarks/results/rank_<protocol>.json`` and its BENCHMARKS.md section.
+
+    python benchmarks/bench_rank.py --protocol ml100k-ctr --seeds 0 1 2
+    python benchmarks/bench_rank.py --protocol ml1m-ctr --budget-minutes 90   # stops starting runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bstrec.data.samples import SampleSet
+from bstrec.evaluation.evaluate import evaluate_runs
+from bstrec.training.loop import seed_model_init
+from bstrec.training.task import RESULT, train_ranker
+from bstrec.training.tensors import TensorSplit
+from common import machine, median, now, update_section, write_result
+from peers import PEERS, build_peer, peers_available
+
+DATASETS = {"synthetic-order": "synthetic-order", "ml100k-ctr": "ml-100k", "ml1m-ctr": "ml-1m"}
+MAIN = ("wdl", "wdl_seq", "din", "bst")
+# name -> (ranker, model config overrides): the paper's Table 4 ablations
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bst_pos_slot": ("bst", {"position": "slot"}),
+    "bst_pos_none": ("bst", {"position": "none"}),
+    "bst_b2": ("bst", {"blocks": 2}),
+    "bst_b3": ("bst", {"blocks": 3}),
+}
+
+
+def ranker_of(name: str) -> tuple[str, dict[str, Any]]:
+    return ABLATIONS.get(name, (name, {}))
+
+
+def ensure_samples(protocol: str, root: Path, data_dir: str) -> Path:
+    from bstrec.data.build import build
+
+    out = root / "samples"
+    if not (out / "manifest.json").exists():
+        build(DATASETS[protocol], out, data_dir=Path(data_dir))
+    return out
+
+
+def train_cell(name: str, seed: int, samples: Path, run_dir: Path, train_cfg: dict[str, Any]
+               ) -> dict[str, Any]:
+    """Train one (model, seed) unless its run folder already holds a finished result."""
+    if (run_dir / RESULT).exists():
+        print(f"  {name} seed {seed}: reusing {run_dir}")
+    else:
+        ranker, overrides = ranker_of(name)
+        print(f"  {name} seed {seed}: training into {run_dir}")
+        train_ranker(ranker, samples, run_dir, model_overrides=overrides,
+                     train_overrides={**train_cfg, "seed": seed}, resume=run_dir.exists(),
+                     builder=build_peer)
+    result: dict[str, Any] = json.loads((run_dir / RESULT).read_text())
+    return result
+
+
+def throughput(samples: Path, names: list[str], batch_size: int, steps: int, rounds: int
+               ) -> dict[str, dict[str, float]]:
+    """Training samples/s of each model on the same batches, interleaved over ``rounds``."""
+    data = SampleSet.load(samples, splits=("train",))
+    train = TensorSplit.from_frame(data.splits["train"], data.spec)
+    gen = torch.Generator().manual_seed(0)
+    batches = [train.batch(torch.randint(len(train), (batch_size,), generator=gen))
+               for _ in range(steps + 3)]
+    models = {}
+    for name in names:
+        ranker, overrides = ranker_of(name)
+        seed_model_init(0)
+        model = build_peer(ranker, data.spec, overrides)
+        models[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for r in range(rounds):
+        for name, (model, opt) in models.items():
+            model.train()
+            for i, batch in enumerate(batches):
+                if i == 3:  # the first steps warm up allocators and caches
+                    t0 = time.perf_counter()
+                loss = loss_fn(model(batch), batch["label"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            rates[name].append(steps * batch_size / (time.perf_counter() - t0))
+        print(f"  throughput round {r + 1}/{rounds}: "
+              + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items()))
+    return {n: {"median": median(v), "rounds": v} for n, v in rates.items()}
+
+
+def fmt(stat: dict[str, Any] | None, digits: int = 4) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    std = stat.get("std")
+    pm = f" ± {std:.{digits}f}" if std is not None and len(stat.get("values", [])) > 1 else ""
+    return f"{stat['mean']:.{digits}f}{pm}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m, tput = res["machine"], res["train_samples_per_s"]
+    tc = res["train_config"]
+    lines = [
+        f"## Rank: {res['protocol']}",
+        "",
+        f"`{res['command']}` on {res['date']}, {m['cores']} cores ({m['cpu']}). Samples "
+        f"{res['splits']['train']:,} / {res['splits']['valid']:,} / {res['splits']['test']:,} "
+        f"(train / valid / test). Every model trains in the same loop on the same batches: Adam "
+        f"lr {tc['lr']}, batch {tc['batch_size']}, at most {tc['max_epochs']} epochs, early "
+        f"stopping on valid AUC (patience {tc['patience']}); the best valid epoch is scored once "
+        "on test. Cells are mean ± std over the seeds. Throughput: training samples/s on identical "
+        f"batches, models interleaved, median of {res['throughput_rounds']} rounds "
+        "(single process, all cores). Full report with plots: "
+        f"`{res['report']}` (not committed; rerun the command).",
+        "",
+        "| model | seeds | test AUC | test GAUC | test logloss | RelaImpr vs WDL | train samples/s |",
+        "|---|---:|---|---|---|---:|---:|",
+    ]
+    for name, row in res["models"].items():
+        ri = row.get("rela_impr")
+        rate = tput.get(name)
+        lines.append(f"| {name} | {len(row['test_auc'])} | {fmt(row['auc'])} | {fmt(row['gauc'])} "
+                     f"| {fmt(row['logloss'])} | {'n/a' if ri is None else f'{ri:+.2f}%'} | "
+                     f"{'n/a' if rate is None else f'{rate:,.0f}'} |")
+    for name, row in res["references"].items():
+        lines.append(f"| reference: {name} | - | {fmt(row['auc'])} | {fmt(row['gauc'])} | "
+                     f"{fmt(row['logloss'])} | | |")
+    boot = res.get("bootstrap")
+    if boot:
+        lines += ["", f"Paired bootstrap (1,000 resamples of test users) of AUC({boot['a']}) - "
+                  f"AUC({boot['b']}): {boot['diff']:+.4f}, 95% interval "
+                  f"[{boot['lo']:+.4f}, {boot['hi']:+.4f}]."]
+    ratio = res.get("throughput_ratio_bst_vs_torch_rechub_bst")
+    if ratio is not None:
+        lines += ["", f"Training throughput of our BST over torch-rechub's BST, same batches "
+                  f"and widths: **{ratio:.1f}x**."]
+    if res.get("notes"):
+        lines += ["", *res["notes"]]
+    return "\n".join(lines)
+
+
+def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> None:
+    root = Path(args.workdir) / protocol
+    samples = ensure_samples(protocol, root, args.data_dir)
+    manifest = json.loads((samples / "manifest.json").read_text())
+    train_cfg = {"max_epochs": args.max_epochs, "patience": args.patience,
+                 "batch_size": args.batch_size, "lr": args.lr}
+    names = [n for n in args.models if n not in PEERS or peers_available()]
+    skipped = [n for n in args.models if n not in names]
+    if skipped:
+        print(f"  torch-rechub not installed (pip install -e '.[peers]'): skipping {skipped}")
+    runs: dict[str, list[Path]] = {}
+    train_results: dict[str, list[dict[str, Any]]] = {}
+    out_of_time = False
+    for seed in args.seeds:  # seed-major: an interrupted run still has every model's first seed
+        for name in names:
+            if (name in ABLATIONS and seed not in args.ablation_seeds) or (
+                    name in PEERS and seed not in args.peer_seeds):
+                continue
+            run_dir = root / "runs" / f"{name}-s{seed}"
+            over = (time.time() - started) / 60 > args.budget_minutes
+            if over and not (run_dir / RESULT).exists():
+                out_of_time = True
+                continue
+            train_results.setdefault(name, []).append(
+                train_cell(name, seed, samples, run_dir, train_cfg))
+            runs.setdefault(name, []).append(run_dir)
+    report = evaluate_runs(samples, runs, root / "report", builder=build_peer)
+    summary = json.loads((report.parent / "metrics.json").read_text())
+    tput = throughput(samples, list(runs), args.batch_size, args.throughput_steps,
+                      args.throughput_rounds)
+    models: dict[str, Any] = {}
+    for name, row in summary["models"].items():
+        models[name] = {
+            "test_auc": row["auc"]["values"], "test_gauc": row["gauc"]["values"],
+            "test_logloss": row["logloss"]["values"], "test_ece": row["ece"]["values"],
+            "auc": row["auc"], "gauc": row["gauc"], "logloss": row["logloss"],
+            "rela_impr": row["rela_impr"],
+            "valid_auc": [r["result"]["best_valid_auc"] for r in train_results[name]],
+            "best_epoch": [r["result"]["best_epoch"] for r in train_results[name]],
+            "seeds": [r["train_config"]["seed"] for r in train_results[name]],
+            "auc_by_history": row["auc_by_history"],
+        }
+    rates = {n: v["median"] for n, v in tput.items()}
+    res: dict[str, Any] = {
+        "protocol": protocol, "date": now(), "machine": machine(),
+        "command": "python benchmarks/bench_rank.py " + " ".join(sys.argv[1:]),
+        "splits": manifest["splits"], "train_config": train_cfg,
+        "models": models,
+        "references": {k: {"test_auc": [v["auc"]["mean"]], "auc": v["auc"], "gauc": v["gauc"],
+                           "logloss": v["logloss"]} for k, v in summary["references"].items()},
+        "bootstrap": summary["bootstrap"],
+        "history_buckets": summary["history"],
+        "train_samples_per_s": rates,
+        "throughput": tput, "throughput_steps": args.throughput_steps,
+        "throughput_rounds": args.throughput_rounds,
+        "report": str(report),
+        "notes": [],
+    }
+    if "bst" in rates and "torch_rechub_bst" in rates:
+        res["throughput_ratio_bst_vs_torch_rechub_bst"] = rates["bst"] / rates["torch_rechub_bst"]
+    if out_of_time:
+        res["notes"].append(f"Stopped starting runs after {args.budget_minutes} minutes: rows "
+                            "with fewer seeds than asked are incomplete.")
+    path = write_result(f"rank_{protocol}", res)
+    update_section(f"rank_{protocol}", markdown(res))
+    print(f"{protocol}: wrote {path} and its BENCHMARKS.md section; report {report}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--protocol", action="append", choices=list(DATASETS))
+    ap.add_argument("--models", nargs="+", default=[*MAIN, *ABLATIONS, *PEERS])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--ablation-seeds", nargs="+", type=int, default=[0, 1, 2],
+                    help="seeds of the BST ablations (a subset of --seeds)")
+    ap.add_argument("--peer-seeds", nargs="+", type=int, default=[0, 1, 2],
+                    help="seeds of the torch-rechub peers (a subset of --seeds)")
+    ap.add_argument("--max-epochs", type=int, default=3)
+    ap.add_argument("--patience", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--throughput-steps", type=int, default=10)
+    ap.add_argument("--throughput-rounds", type=int, default=3)
+    ap.add_argument("--budget-minutes", type=float, default=float("inf"),
+                    help="start no new training run after this many minutes")
+    ap.add_argument("--workdir", default="artifacts/bench_rank")
+    ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
+    args = ap.parse_args()
+    unknown = [n for n in args.models if n not in (*MAIN, *ABLATIONS, *PEERS)]
+    if unknown:
+        ap.error(f"unknown models {unknown}")
+    started = time.time()
+    for protocol in args.protocol or list(DATASETS):
+        if DATASETS[protocol] != "synthetic-order" and not (
+                Path(args.data_dir) / DATASETS[protocol]).is_dir():
+            print(f"skip {protocol}: {DATASETS[protocol]} not in {args.data_dir}")
+            continue
+        print(f"== {protocol}")
+        run_protocol(protocol, args, started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The online feature store: what the ranker needs about a user and the candidates at request time.
+
+One interface, two backends (``store_embedded.py``: SQLite in-process, the default;
+``store_redis.py``: a Redis server). Per user it holds the last ``max_events`` behaviours and a
+profile; per item its features (``category`` and the attributes the feature spec reads).
+
+The behaviour order is the offline one (data/samples.py, protocol P1): by timestamp, then item
+id. Full ties (same second, same item) are broken by event id where the offline builder keeps file
+order; such behaviours are identical as features, and an order that does not depend on arrival
+keeps the store deterministic under concurrent writers. The cap keeps the ``max_events`` LAST
+behaviours in that order, so an event that arrives late with an old timestamp never evicts a
+newer one.
+
+Appending is atomic per user (a SQLite transaction, a Redis Lua script) and idempotent by event
+id: an id already in the user's sequence is ignored. Ids of behaviours pushed out by the cap are
+forgotten, which keeps the store bounded and stays idempotent: a full sequence only moves forward
+in the order, so an evicted event that comes again is older than all that is kept and is evicted
+again at once (``append`` returns False for it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from bstrec.data.schema import Dataset
+
+log = logging.getLogger(__name__)
+
+UserId = int | str
+ItemId = int | str
+Features = dict[str, Any]
+
+
+class StoreError(RuntimeError):
+    """Base class of the feature store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's backend cannot be reached (Redis down, timed out). The caller may fall back;
+    the store reconnects by itself on a later call once the backend is back."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One behaviour as it arrives (POST /events). ``category`` None: taken from the item's
+    features in the store, as the offline builder takes it from the item table."""
+
+    user_id: UserId
+    item_id: ItemId
+    timestamp: int
+    event_id: str
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """One stored behaviour of a user."""
+
+    item_id: ItemId
+    timestamp: int
+    event_id: str
+    category: str | None
+
+
+@dataclass(frozen=True)
+class UserSnapshot:
+    """A user's state read in one go: behaviours oldest first; profile None = unknown user."""
+
+    user_id: UserId
+    behaviours: tuple[Behaviour, ...]
+    profile: Features | None
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    users: int
+    items: int
+    behaviours: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Which store and how (``bstrec.config.from_dict`` fills it; unknown keys are errors)."""
+
+    backend: Literal["embedded", "redis"] = "embedded"
+    # Behaviours kept per user: at least the ranker's max_len (20), with room for replays.
+    max_events: int = 50
+    # embedded: the SQLite file (WAL). "NORMAL" survives a crash of the process, "FULL" also one
+    # of the machine, at an fsync per append.
+    path: str = "artifacts/feature_store.sqlite"
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    # redis
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "bstrec"
+    # Short timeouts: a request must fall back quickly rather than wait for a dead server.
+    connect_timeout_s: float = 0.5
+    timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {self.max_events}")
+        if self.backend not in ("embedded", "redis"):
+            raise ValueError(f"backend must be 'embedded' or 'redis', got {self.backend!r}")
+        if self.synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {self.synchronous!r}")
+
+
+def order_key(b: Behaviour) -> tuple[int, ItemId, str]:
+    """The behaviour order: (timestamp, item id) as offline, then event id (see the module doc)."""
+    return (b.timestamp, b.item_id, b.event_id)
+
+
+def check_id(value: object, what: str) -> None:
+    # bool is an int subclass, and 1.0 == 1 would silently alias two ids: only int and str pass.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"{what} must be int or str, got {type(value).__name__} {value!r}")
+
+
+def id_key(value: UserId | ItemId) -> str:
+    """A string key that keeps 7 and "7" apart and sorts like the ids do (ints numerically,
+    strings bytewise), so that a backend sorting keys bytewise sorts ids in the behaviour order."""
+    if isinstance(value, str):
+        # hex of the UTF-8 bytes: bytewise order kept, and no byte below '0' that would sort
+        # before the separators a backend puts after the key
+        return "s" + value.encode().hex()
+    return f"i{value + 2**63:020d}"  # shifted into 0..2^64-1: 20 digits sort as numbers do
+
+
+def key_id(key: str) -> UserId | ItemId:
+    return bytes.fromhex(key[1:]).decode() if key[0] == "s" else int(key[1:]) - 2**63
+
+
+def dumps(obj: object) -> str:
+    # default=str: a date attribute becomes its ISO text, which is what encoding casts it to anyway
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class FeatureStore(ABC):
+    """The store interface. Backends implement the primitives; the shared logic lives here."""
+
+    max_events: int
+
+    # --- backend primitives -------------------------------------------------------------------
+    @abstractmethod
+    def _append_user(self, user_id: UserId, events: Sequence[Event]) -> list[bool]:
+        """Atomically add ``events`` (one user, categories filled) and cap the sequence; per event,
+        True if it is new and still in the sequence after the cap."""
+
+    def _append_bulk(self, groups: Sequence[tuple[UserId, Sequence[Event]]]) -> int:
+        """Many users at once (bulk load); returns how many behaviours were added."""
+        return sum(sum(self._append_user(u, evs)) for u, evs in groups)
+
+    @abstractmethod
+    def snapshot(self, user_id: UserId) -> UserSnapshot:
+        """The user's behaviours (oldest first) and profile, read consistently."""
+
+    @abstractmethod
+    def put_profiles(self, profiles: Mapping[UserId, Features]) -> None:
+        """Set (replace) user profiles."""
+
+    @abstractmethod
+    def put_items(self, items: Mapping[ItemId, Features]) -> None:
+        """Set (replace) item features: ``category`` and attributes, JSON values."""
+
+    @abstractmethod
+    def items(self, item_ids: Iterable[ItemId]) -> dict[ItemId, Features]:
+        """Features of the given items; unknown items are absent from the result."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the backend cannot be reached."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Remove everything this store holds."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # --- shared logic -------------------------------------------------------------------------
+    def append(self, event: Event) -> bool:
+        """Add one behaviour; False if its id is already stored or the cap drops it at once."""
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[Event]) -> list[bool]:
+        """Add behaviours (atomic per user), in the given order; one flag per event."""
+        for e in events:
+            check_id(e.user_id, "user_id")
+            check_id(e.item_id, "item_id")
+            if not e.event_id:
+                raise ValueError(f"event {e} has no event_id: appends are idempotent by event id")
+        events = self._with_categories(events)
+        by_user: dict[UserId, list[int]] = {}
+        for i, e in enumerate(events):
+            by_user.setdefault(e.user_id, []).append(i)
+        out = [False] * len(events)
+        for user, idx in by_user.items():
+            for i, ok in zip(idx, self._append_user(user, [events[i] for i in idx]), strict=True):
+                out[i] = ok
+        return out
+
+    def behaviours(self, user_id: UserId) -> tuple[Behaviour, ...]:
+        return self.snapshot(user_id).behaviours
+
+    def profile(self, user_id: UserId) -> Features | None:
+        return self.snapshot(user_id).profile
+
+    def _with_categories(self, events: Sequence[Event]) -> list[Event]:
+        missing = {e.item_id for e in events if e.category is None}
+        if not missing:
+            return list(events)
+        feats = self.items(missing)
+        return [e if e.category is not None else
+                Event(e.user_id, e.item_id, e.timestamp, e.event_id,
+                      _category(feats.get(e.item_id)))
+                for e in events]
+
+    def load_dataset(self, dataset: Dataset, until: int | None = None, *,
+                     batch_users: int = 500) -> LoadReport:
+        """Seed the store from a canonical Dataset: every profile and item, and each user's last
+        ``max_events`` events with timestamp < ``until`` (all when None), in the behaviour order.
+
+        Events without an ``event_id`` get ``"<user>:<item>:<timestamp>:<k>"`` (k = 0, 1, ... over
+        repeats of the same triple), so that loading the same log twice adds nothing.
+        """
+        import polars as pl  # only the bulk path needs frames
+
+        from bstrec.data.samples import sort_events
+
+        t0 = time.perf_counter()
+        profiles = _records(dataset.users, "user_id")
+        self.put_profiles(profiles)
+        items = _records(dataset.items, "item_id")
+        self.put_items(items)
+        events = dataset.events
+        if until is not None:
+            events = events.filter(pl.col("timestamp") < until)
+        triple = ["user_id", "item_id", "timestamp"]
+        events = (sort_events(events)
+                  .join(dataset.items.select("item_id", "category"), on="item_id", how="left",
+                        maintain_order="left")
+                  .with_columns(pl.coalesce(
+                      pl.col("event_id"),
+                      pl.concat_str([*(pl.col(c).cast(pl.String) for c in triple),
+                                     pl.int_range(pl.len()).over(triple).cast(pl.String)],
+                                    separator=":")).alias("event_id"))
+                  # the last max_events per user in the store's order: the rest would be capped
+                  .sort(["user_id", "timestamp", "item_id", "event_id"], maintain_order=True)
+                  # (Int64: pl.len() is unsigned, and len - max_events may be negative)
+                  .filter(pl.int_range(pl.len(), dtype=pl.Int64).over("user_id")
+                          >= pl.len().over("user_id").cast(pl.Int64) - self.max_events))
+        # sorted by user: one pass cuts the rows into per-user runs, batch_users runs a write
+        added = 0
+        group: list[tuple[UserId, list[Event]]] = []
+        for user, item, ts, eid, cat in events.select(
+                "user_id", "item_id", "timestamp", "event_id", "category").iter_rows():
+            if not group or group[-1][0] != user:
+                if len(group) >= batch_users:
+                    added += self._append_bulk(group)
+                    group = []
+                check_id(user, "user_id")
+                group.append((user, []))
+            group[-1][1].append(Event(user, item, ts, eid, cat))
+        if group:
+            added += self._append_bulk(group)
+        report = LoadReport(users=len(profiles), items=len(items), behaviours=added,
+                            seconds=time.perf_counter() - t0)
+        log.info("feature store loaded: %s", report)
+        return report
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _category(features: Features | None) -> str | None:
+    if features is None:
+        return None
+    cat = features.get("category")
+    return None if cat is None else str(cat)
+
+
+def _records(frame: pl.DataFrame, key: str) -> dict[Any, Features]:
+    """Rows of a users/items table as {id: {column: value}} (JSON-ready values)."""
+    cols = [c for c in frame.columns if c != key]
+    out: dict[Any, Features] = {}
+    for row in frame.iter_rows(named=True):
+        out[row[key]] = {c: row[c] for c in cols}
+    return out
+
+
+def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def open_store(cfg: StoreConfig) -> FeatureStore:
+    """The backend ``cfg`` names (imports redis only when asked for)."""
+    if cfg.backend == "redis":
+        from bstrec.features.store_redis import RedisStore
+
+        return RedisStore(cfg.url, max_events=cfg.max_events, prefix=cfg.prefix,
+                          connect_timeout_s=cfg.connect_timeout_s, timeout_s=cfg.timeout_s)
+    from bstrec.features.store_embedded import EmbeddedStore
+
+    Path(cfg.path).parent.mkdir(parents=True, exist_ok=True)
+    return EmbeddedStore(cfg.path, max_events=cfg.max_events, synchronous=cfg.synchronous)

@@ -1,0 +1,180 @@
+"""The embedded feature store: in-process, persisted to one SQLite file (WAL), the default.
+
+Every write is a SQLite transaction (``BEGIN IMMEDIATE``), so a restart, even a crash of the
+process, loses no committed append, and several processes may share the file: SQLite serialises
+their writers (each waits up to ``busy_timeout_s``). Within a process one connection is shared
+under a lock. Ids are stored with their type (SQLite keeps 7 and '7' apart) and ``ORDER BY
+item_id`` sorts integers numerically and text bytewise, as the offline builder does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from bstrec.features.store import (
+    Behaviour,
+    Event,
+    Features,
+    FeatureStore,
+    ItemId,
+    StoreUnavailable,
+    UserId,
+    UserSnapshot,
+    chunks,
+    dumps,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS behaviours (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival: tells which rows a write added
+    user_id NOT NULL,
+    event_id TEXT NOT NULL,
+    item_id NOT NULL,
+    ts INTEGER NOT NULL,
+    category TEXT,
+    UNIQUE (user_id, event_id)
+);
+CREATE INDEX IF NOT EXISTS behaviours_order ON behaviours (user_id, ts, item_id, event_id);
+CREATE TABLE IF NOT EXISTS profiles (user_id PRIMARY KEY, profile TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (item_id PRIMARY KEY, features TEXT NOT NULL);
+"""
+
+# the behaviour order (store.py); event_id is TEXT, compared bytewise like Python compares str
+_ORDER = "ts, item_id, event_id"
+_ORDER_DESC = "ts DESC, item_id DESC, event_id DESC"
+
+
+class EmbeddedStore(FeatureStore):
+    """SQLite-backed store; thread-safe, and safe for several processes on one file."""
+
+    def __init__(self, path: str | Path, *, max_events: int = 50, synchronous: str = "NORMAL",
+                 busy_timeout_s: float = 10.0) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events}")
+        self.max_events = max_events
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        # autocommit mode (isolation_level=None): transactions are the explicit BEGINs below
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+        with self._errors():
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+            with self._write() as cur:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        cur.execute(stmt)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            # Another process held the write lock longer than busy_timeout_s: report it as the
+            # store being unavailable, like Redis down, so that callers have one thing to catch.
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreUnavailable(f"feature store {self.path} is locked: {exc}") from exc
+            raise
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock, self._errors():
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock, self._errors():
+            cur = self._db.cursor()
+            cur.execute("BEGIN")  # one read snapshot for all the queries inside
+            try:
+                yield cur
+            finally:
+                cur.execute("COMMIT")
+
+    def _trim(self, cur: sqlite3.Cursor, users: Sequence[UserId]) -> None:
+        """Keep each user's last max_events behaviours in the behaviour order."""
+        cur.execute(
+            f"""DELETE FROM behaviours WHERE seq IN (
+                  SELECT seq FROM (
+                    SELECT seq, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY {_ORDER_DESC}) AS rn
+                    FROM behaviours WHERE user_id IN (SELECT value FROM json_each(?)))
+                  WHERE rn > ?)""", (json.dumps(list(users)), self.max_events))
+
+    def _append_user(self, user_id: UserId, events: Sequence[Event]) -> list[bool]:
+        with self._write() as cur:
+            seqs: list[int | None] = []
+            for e in events:
+                cur.execute("INSERT OR IGNORE INTO behaviours (user_id, event_id, item_id, ts, category)"
+                            " VALUES (?, ?, ?, ?, ?)",
+                            (user_id, e.event_id, e.item_id, e.timestamp, e.category))
+                seqs.append(cur.lastrowid if cur.rowcount == 1 else None)
+            self._trim(cur, [user_id])
+            kept = {r[0] for r in cur.execute("SELECT seq FROM behaviours WHERE user_id = ?",
+                                              (user_id,))}
+        return [s is not None and s in kept for s in seqs]
+
+    def _append_bulk(self, groups: Sequence[tuple[UserId, Sequence[Event]]]) -> int:
+        rows = [(u, e.event_id, e.item_id, e.timestamp, e.category) for u, evs in groups for e in evs]
+        with self._write() as cur:
+            last = cur.execute("SELECT COALESCE(MAX(seq), 0) FROM behaviours").fetchone()[0]
+            cur.executemany("INSERT OR IGNORE INTO behaviours (user_id, event_id, item_id, ts, category)"
+                            " VALUES (?, ?, ?, ?, ?)", rows)
+            self._trim(cur, [u for u, _ in groups])
+            added: int = cur.execute("SELECT COUNT(*) FROM behaviours WHERE seq > ?",
+                                     (last,)).fetchone()[0]
+        return added
+
+    def snapshot(self, user_id: UserId) -> UserSnapshot:
+        with self._read() as cur:
+            rows = cur.execute(f"SELECT item_id, ts, event_id, category FROM behaviours "
+                               f"WHERE user_id = ? ORDER BY {_ORDER}", (user_id,)).fetchall()
+            prof = cur.execute("SELECT profile FROM profiles WHERE user_id = ?",
+                               (user_id,)).fetchone()
+        return UserSnapshot(user_id=user_id, behaviours=tuple(Behaviour(*r) for r in rows),
+                            profile=None if prof is None else json.loads(prof[0]))
+
+    def put_profiles(self, profiles: Mapping[UserId, Features]) -> None:
+        with self._write() as cur:
+            cur.executemany("INSERT OR REPLACE INTO profiles (user_id, profile) VALUES (?, ?)",
+                            [(u, dumps(p)) for u, p in profiles.items()])
+
+    def put_items(self, items: Mapping[ItemId, Features]) -> None:
+        with self._write() as cur:
+            cur.executemany("INSERT OR REPLACE INTO items (item_id, features) VALUES (?, ?)",
+                            [(i, dumps(f)) for i, f in items.items()])
+
+    def items(self, item_ids: Iterable[ItemId]) -> dict[ItemId, Features]:
+        ids = list(dict.fromkeys(item_ids))
+        out: dict[ItemId, Features] = {}
+        with self._read() as cur:
+            for part in chunks(ids, 10_000):
+                for item, feats in cur.execute(
+                        "SELECT item_id, features FROM items "
+                        "WHERE item_id IN (SELECT value FROM json_each(?))", (json.dumps(list(part)),)):
+                    out[item] = json.loads(feats)
+        return out
+
+    def ping(self) -> None:
+        with self._read() as cur:
+            cur.execute("SELECT 1").fetchone()
+
+    def clear(self) -> None:
+        with self._write() as cur:
+            for table in ("behaviours", "profiles", "items"):
+                cur.execute(f"DELETE FROM {table}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
