@@ -5,7 +5,7 @@ VENV ?= .venv
 DATA_DIR ?= $(or $(BSTREC_DATA_DIR),$(wildcard ../shared/data))
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test lint bench-data clean
+.PHONY: quickstart test lint bench-data bench-rank clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: lint
 
 bench-data: $(VENV)/.installed
 	BSTREC_DATA_DIR=$(DATA_DIR) $(BIN)/python benchmarks/bench_data.py
+
+$(VENV)/.installed-peers: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[peers]'
+	touch $@
+
+bench-rank: $(VENV)/.installed-peers
+	BSTREC_DATA_DIR=$(DATA_DIR) $(BIN)/python benchmarks/bench_rank.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

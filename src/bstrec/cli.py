@@ -230,3 +230,187 @@ def evaluate_cmd(
         raise fail(str(exc)) from None
     console.print(report.read_text(), markup=False, highlight=False)
     console.print(f"report in [bold]{report}[/bold] (metrics.json and plots beside it)")
+
+
+bundle_app = typer.Typer(help="Serving bundles: models, vocabularies and index in one folder.",
+                         no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("build")
+def bundle_build(
+    samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`")],
+    ranker: Annotated[Path, typer.Option(help="Ranker training run (its best/) or checkpoint")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (replaced atomically)")],
+    retriever: Annotated[Path | None, typer.Option(
+        help="Two-tower training output (best/ and catalog.parquet); without it the match "
+        "stage uses item-CF and popularity only")] = None,
+    index: Annotated[str, typer.Option(help="Vector index kind: exact, flat, hnsw or ivf")] = "exact",
+    version: Annotated[str | None, typer.Option(help="Bundle version (default: model, time, "
+                                                "content hash)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Pipeline config override, repeatable: rank_n=50, max_per_category=3, "
+        "candidates={quotas: [[two_tower, 100], [popular, 50]]}")] = None,
+) -> None:
+    """Export the ranker to ONNX and gather every serving artifact into one bundle."""
+    from bstrec.config import from_dict
+    from bstrec.retrieval.index import IndexConfig
+    from bstrec.serving.bundle import build_bundle, load_bundle
+    from bstrec.serving.config import PipelineConfig
+
+    try:
+        pipeline = from_dict(PipelineConfig, parse_overrides(set_ or []), where="--set")
+        with console.status("building the bundle"):
+            path = build_bundle(samples, ranker, out, retriever_dir=retriever,
+                                index_config=from_dict(IndexConfig, {"kind": index}),
+                                pipeline_config=pipeline, version=version)
+            bundle = load_bundle(path)
+    except (ValueError, OSError) as exc:  # ConfigError, BundleError, CheckpointError
+        raise fail(str(exc)) from None
+    parts = ["ranker.onnx", "item_cf", "popular"] + (["two_tower", "index"] if retriever else [])
+    console.print(f"bundle [bold]{bundle.version}[/bold] in [bold]{path}[/bold] "
+                  f"({', '.join(parts)})")
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Option(help="Bundle folder (`bstrec bundle build`)",
+                                         envvar="BSTREC_BUNDLE")],
+    host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000)")] = None,
+    store: Annotated[str | None, typer.Option(help="Feature store: embedded or redis")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="redis://host:port/db")] = None,
+    store_path: Annotated[Path | None, typer.Option(help="Embedded store's SQLite file")] = None,
+    seed_events: Annotated[Path | None, typer.Option(
+        help="Load this samples folder's event log into the store at start")] = None,
+    static_dir: Annotated[Path | None, typer.Option(
+        help="Folder of the web page served at / (default: the built-in page)")] = None,
+) -> None:
+    """Serve recommendations over HTTP (FastAPI + uvicorn; OpenAPI at /docs). Every setting
+    can also come from the environment: BSTREC_API_KEY, BSTREC_K_MAX, BSTREC_STORE, ..."""
+    import os
+    import secrets
+    from typing import Any
+
+    from pydantic import ValidationError
+
+    from bstrec.serving.server import serve as run
+    from bstrec.serving.settings import Settings
+
+    given = {"bundle": bundle, "host": host, "port": port, "store": store,
+             "redis_url": redis_url, "store_path": None if store_path is None else str(store_path),
+             "seed_events": seed_events, "static_dir": static_dir}
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if not os.environ.get("BSTREC_API_KEY"):
+        overrides["api_key"] = key = secrets.token_urlsafe(18)
+        console.print(f"no BSTREC_API_KEY set: POST /events and /admin/reload take X-API-Key: {key}")
+    try:
+        settings = Settings(**overrides)
+        run(settings)
+    except ValidationError as exc:
+        raise fail(str(exc)) from None
+    except ValueError as exc:  # BundleError: refused before serving
+        raise fail(str(exc)) from None
+
+
+# -- match stage: retriever, index, similar items ------------------------------------------------
+@train_app.command("retriever")
+def train_retriever_cmd(
+    samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`")],
+    out: Annotated[Path, typer.Option(help="Retriever folder: two-tower, item-CF, popularity, "
+                                      "index")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Two-tower config override, repeatable: encoder=mean, dim=64, ...")] = None,
+    train_: Annotated[list[str] | None, typer.Option(
+        "--train", help="Train config override, repeatable: temperature=0.05, logq=true, "
+        "negatives=none|uniform|popularity|hard, max_epochs=6, ...")] = None,
+    popular: Annotated[list[str] | None, typer.Option(
+        help="Popularity override, repeatable: half_life_days=30, ...")] = None,
+    item_cf: Annotated[list[str] | None, typer.Option(
+        "--item-cf", help="Item-CF override, repeatable: window=10, max_gap_days=30, ...")] = None,
+) -> None:
+    """Train the two-tower (valid Recall@K picks the epoch), fit item-CF and popularity."""
+    from bstrec.retrieval.artifacts import train_retriever
+
+    try:
+        result = train_retriever(samples, out, model_overrides=parse_overrides(set_ or []),
+                                 train_overrides=parse_overrides(train_ or []),
+                                 popular_overrides=parse_overrides(popular or []),
+                                 item_cf_overrides=parse_overrides(item_cf or []),
+                                 console=console)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    for h in result.history:
+        console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, " + ", ".join(
+            f"{k} {v:.4f}" for k, v in h.items() if k.startswith("valid_")))
+    console.print(f"best epoch {result.best_epoch}; retriever in [bold]{out}[/bold]")
+
+
+index_app = typer.Typer(help="Build item-vector indexes.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build_cmd(
+    retriever: Annotated[Path, typer.Option(help="Folder of `bstrec train retriever`")],
+    kind: Annotated[str, typer.Option(help="exact, flat, hnsw or ivf")] = "hnsw",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Index config override, repeatable: hnsw_m=32, ef_search=128, nlist=1024, "
+        "nprobe=32")] = None,
+) -> None:
+    """(Re)build RETRIEVER/index from the two-tower's item vectors."""
+    from bstrec.config import from_dict
+    from bstrec.retrieval.artifacts import build_item_index, load_artifacts
+    from bstrec.retrieval.index import IndexConfig
+
+    try:
+        cfg = from_dict(IndexConfig, {"kind": kind, **parse_overrides(set_ or [])}, where="index")
+        r = load_artifacts(retriever)
+        t0 = time.perf_counter()
+        index = build_item_index(r.model, r.catalog, cfg)
+        index.save(retriever / "index")
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"{cfg.kind} index of {len(index):,} items built in "
+                  f"{time.perf_counter() - t0:.1f} s: [bold]{retriever / 'index'}[/bold]")
+
+
+@app.command("similar")
+def similar_cmd(
+    retriever: Annotated[Path, typer.Option(help="Folder of `bstrec train retriever`")],
+    item: Annotated[str, typer.Option(help="Item id as in the dataset")],
+    k: Annotated[int, typer.Option("-k", help="How many")] = 10,
+    by: Annotated[str, typer.Option(help="co-occurrence (item-CF) or vectors (two-tower)")] = (
+        "co-occurrence"),
+) -> None:
+    """Items similar to ITEM: "people also watched" (item-CF) or nearest item vectors."""
+    from rich.table import Table
+
+    from bstrec.retrieval.artifacts import load_artifacts
+
+    try:
+        r = load_artifacts(retriever)
+        code = r.encode_id(item)
+        if by == "co-occurrence":
+            scores, ids = r.item_cf.similar([code], k)
+        elif by == "vectors" and r.index is not None:
+            import numpy as np
+
+            from bstrec.retrieval.train import item_vectors
+
+            vec = item_vectors(r.model, r.catalog).numpy()[code]
+            scores, ids = r.index.search(vec[None, :], k + 1)
+            keep = ids[0] != code
+            scores, ids = scores[:, keep][:, :k], ids[:, keep][:, :k]
+            scores, ids = np.asarray(scores), np.asarray(ids)
+        else:
+            raise ValueError(f"--by must be co-occurrence or vectors (with an index), got {by!r}")
+    except (KeyError, ValueError, OSError) as exc:
+        raise fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc)) from None
+    table = Table(title=f"similar to {item} ({by})")
+    table.add_column("item")
+    table.add_column("score", justify="right")
+    for s, i in zip(scores[0], ids[0], strict=True):
+        if i >= 2:
+            table.add_row(str(r.raw_id(int(i))), f"{float(s):.4f}")
+    console.print(table)

@@ -1,0 +1,377 @@
+"""Retrieval benchmark, protocol P2 (ml1m-retrieval, ml100k-retrieval; ../shared/PROTOCOL.md).
+
+For each protocol: build the P1 samples, fit popularity and item-to-item co-occurrence on the
+train split, train the two-tower (epoch chosen on valid P2 queries), index its item vectors
+(exact inner product), then on every test query (label-1 test sample; history as of its time;
+seen items excluded; catalog = every movie seen in train):
+
+- each source's own top 500 (two_tower, item_cf, popular);
+- the merged candidates (quotas two_tower 300 / item_cf 150 / popular 50, deduplicated,
+  cold-start routing for users with no or few behaviours), in their own merged order;
+- the full funnel: the merged candidates pre-ranked by the two-tower's dot product, the top
+  ``--rerank`` of them ranked with a BST ranker trained by ``train_ranker("bst", ...)`` (see
+  ``funnel``), followed by the rest in pre-rank order.
+
+Recall@10/50/100/200/500 and NDCG@10 averaged over the queries. Models and samples are cached
+in ``--workdir`` (``--retrain`` trains again).
+
+    python benchmarks/bench_retrieval.py [--protocols ml1m-retrieval ml100k-retrieval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bstrec.config import from_dict
+from bstrec.data.build import build
+from bstrec.data.samples import SampleSet
+from bstrec.retrieval.candidates import SOURCES, CandidateConfig, CandidateGenerator
+from bstrec.retrieval.catalog import Catalog, QuerySet, item_feature_names
+from bstrec.retrieval.coldstart import COLD, FEW, REGULAR, route
+from bstrec.retrieval.index import IndexConfig, build_index
+from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
+from bstrec.retrieval.popular import PopularConfig, Popularity
+from bstrec.retrieval.topk import KS, list_metrics
+from bstrec.retrieval.train import (
+    RetrieverTrainConfig,
+    item_vectors,
+    load_retriever,
+    retrieve,
+    train_two_tower,
+    user_vectors,
+)
+from bstrec.retrieval.two_tower import TwoTower, TwoTowerConfig
+from bstrec.training.checkpoint import load_checkpoint
+from bstrec.training.task import train_ranker
+from common import RESULTS, machine, now, update_section, write_result
+
+DATASETS = {"ml1m-retrieval": "ml-1m", "ml100k-retrieval": "ml-100k"}
+RANKER_TRAIN = {"max_epochs": 1, "batch_size": 512, "patience": 0}
+console = Console(stderr=True)
+
+
+def samples_for(protocol: str, data_dir: Path, workdir: Path) -> Path:
+    out = workdir / protocol / "samples"
+    if not (out / "manifest.json").exists():
+        build(DATASETS[protocol], out, data_dir=data_dir)
+    return out
+
+
+def fit_counting_sources(samples: SampleSet, catalog: Catalog, pop_cfg: PopularConfig,
+                         cf_cfg: ItemCFConfig) -> tuple[Popularity, ItemCF]:
+    train = samples.splits["train"]
+    sizes = {f.name: f.vocab_size for f in samples.spec.features}
+    pop = Popularity.fit(train, catalog.features["category"].numpy(),
+                         samples.spec.vocab_size("category"), sizes, pop_cfg)
+    return pop, ItemCF.fit(train, catalog.size, cf_cfg)
+
+
+@torch.no_grad()
+def bst_logits(ranker: torch.nn.Module, queries: QuerySet, catalog: Catalog, ids: np.ndarray,
+               chunk: int = 16_384) -> tuple[np.ndarray, float]:
+    """(Q, R) candidate ids (-1 = none) -> (Q, R) BST logits (-inf at -1), pairs per second."""
+    ranker.eval()
+    out = np.full(ids.shape, -np.inf, dtype=np.float32)
+    qi, ci = np.nonzero(ids >= 0)  # (pairs,) query row, candidate column
+    item_cols = item_feature_names(catalog.spec)
+    t0 = time.perf_counter()
+    with Progress(console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("BST ranking", total=len(qi))
+        for lo in range(0, len(qi), chunk):
+            q, c = qi[lo:lo + chunk], ci[lo:lo + chunk]
+            batch = queries.data.batch(torch.from_numpy(q))
+            items = catalog.batch(torch.from_numpy(ids[q, c]))
+            for name in item_cols:  # the candidate becomes the sample's target item
+                batch[name] = items[name]
+            out[q, c] = ranker(batch).float().numpy()
+            bar.advance(task, len(q))
+    return out, len(qi) / max(time.perf_counter() - t0, 1e-9)
+
+
+def sort_rows(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    out: np.ndarray = np.take_along_axis(ids, order, 1)
+    return out
+
+
+def funnel(model: TwoTower, ranker: torch.nn.Module, queries: QuerySet, catalog: Catalog,
+           vecs: np.ndarray, cands: np.ndarray, depth: int, temperature: float,
+           bst_only: bool = False) -> tuple[dict[str, np.ndarray], float]:
+    """Merged candidates -> pre-rank -> BST rank. Returns the final lists and two diagnostics:
+
+    - ``prerank``: every merged candidate ordered by its two-tower logit u.v / T (a dot
+      product per candidate: the pre-rank stage of DESIGN.md);
+    - ``funnel``: the pre-ranked top ``depth`` ordered by log P(watch) + log P(like | watch):
+      the two-tower logit (a log-softmax over the catalog up to a per-query constant, trained
+      on every rating) plus BST's log-sigmoid (trained on rated movies only, so it knows how
+      much a watched movie is liked, not whether it is watched); the rest in pre-rank order;
+    - ``bst_only`` (with ``bst_only``): the merged top ``depth`` ordered by the BST logit
+      alone, the rest in merged order (a diagnostic: it costs a second BST pass).
+    """
+    u = user_vectors(model, queries.data)
+    safe = np.maximum(cands, 0)
+    pre = np.einsum("qd,qkd->qk", u.numpy(), vecs[safe]) / temperature  # (Q, K)
+    pre = np.where(cands >= 0, pre, -np.inf)
+    order = np.argsort(-pre, axis=1, kind="stable")
+    pre_ids = np.take_along_axis(cands, order, 1)
+    pre_s = np.take_along_axis(pre, order, 1)
+    top = pre_ids[:, :depth]
+    logit, rate = bst_logits(ranker, queries, catalog, top)
+    combined = pre_s[:, :depth] + torch.nn.functional.logsigmoid(torch.from_numpy(logit)).numpy()
+    final = pre_ids.copy()
+    final[:, :depth] = sort_rows(top, np.where(top >= 0, combined, -np.inf))
+    out = {"prerank": pre_ids, "funnel": final}
+    if bst_only:
+        m_top = cands[:, :depth]
+        m_logit, _ = bst_logits(ranker, queries, catalog, m_top)
+        out["bst_only"] = cands.copy()
+        out["bst_only"][:, :depth] = sort_rows(m_top, m_logit)
+    return out, rate
+
+
+def run(protocol: str, args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(args.workdir) / protocol
+    sdir = samples_for(protocol, Path(args.data_dir), Path(args.workdir))
+    samples = SampleSet.load(sdir)
+    catalog = Catalog.from_samples(samples)
+    test = QuerySet.from_samples(samples, "test")
+    console.log(f"{protocol}: {len(test):,} test queries, catalog {len(catalog.candidates):,}")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+
+    t0 = time.perf_counter()
+    pop_cfg, cf_cfg = PopularConfig(), ItemCFConfig()
+    pop, cf = fit_counting_sources(samples, catalog, pop_cfg, cf_cfg)
+    fit_s = time.perf_counter() - t0
+
+    tt_dir = workdir / "two_tower"
+    train_cfg = from_dict(RetrieverTrainConfig, {**args.tt_train, "num_threads": threads})
+    model_cfg = from_dict(TwoTowerConfig, args.tt_model)
+    if args.retrain or not (tt_dir / "best").exists():
+        _, tt_result = train_two_tower(samples, train_cfg, model_cfg, out_dir=tt_dir,
+                                       console=console)
+        (tt_dir / "result.json").write_text(json.dumps(tt_result.to_dict(), indent=2) + "\n")
+    model, _ = load_retriever(tt_dir)
+    tt_result_d = json.loads((tt_dir / "result.json").read_text())
+
+    vecs = item_vectors(model, catalog).numpy()
+    index = build_index(catalog.candidates, vecs[catalog.candidates], IndexConfig(kind="exact"))
+    cand_cfg = CandidateConfig()
+    gen = CandidateGenerator(catalog, model=model, index=index, item_cf=cf, popular=pop,
+                             config=cand_cfg)
+    t0 = time.perf_counter()
+    merged, lists = gen.generate(test)
+    gen_s = time.perf_counter() - t0
+
+    sources: dict[str, dict[str, float]] = {}
+    for name in ("two_tower", "item_cf", "popular"):
+        sources[name] = list_metrics(lists[name], test.targets)
+    sources["merged"] = list_metrics(merged.ids, test.targets)
+
+    bst_dir = workdir / "bst"
+    if args.retrain or not (bst_dir / "best").exists():
+        train_ranker("bst", sdir, bst_dir, train_overrides={**RANKER_TRAIN,
+                                                            "num_threads": threads},
+                     console=console)
+    ranker = load_checkpoint(bst_dir / "best").model
+    lists_f, pair_rate = funnel(model, ranker, test, catalog, vecs, merged.ids, args.rerank,
+                                train_cfg.temperature, bst_only=args.bst_only)
+    sources["funnel"] = list_metrics(lists_f["funnel"], test.targets)
+    diagnostics = {n: list_metrics(v, test.targets) for n, v in lists_f.items() if n != "funnel"}
+
+    # which sources put the target into the merged list (a hit may have several)
+    hit = merged.ids == test.targets[:, None]
+    found = {n: float((hit & merged.from_source(n)).any(1).mean()) for n in SOURCES}
+    paths = route(test.data.tensors["hist_mask"], cand_cfg.cold)
+    share = {n: float(merged.from_source(n)[merged.ids >= 0].mean()) for n in SOURCES}
+    bst_meta = json.loads((bst_dir / "best" / "checkpoint.json").read_text())
+    return {
+        "protocol": protocol, "date": now(), "machine": machine(), "threads": threads,
+        "command": "python benchmarks/bench_retrieval.py " + " ".join(sys.argv[1:]),
+        "queries": len(test), "catalog": len(catalog.candidates),
+        "targets_not_in_catalog": int((test.targets < 2).sum()),
+        "sources": {n: {k: round(v, 4) for k, v in m.items()} for n, m in sources.items()},
+        "funnel_diagnostics": {n: {k: round(v, 4) for k, v in m.items()}
+                               for n, m in diagnostics.items()},
+        "merged_target_found_by": {k: round(v, 4) for k, v in found.items()},
+        "merged_share_by_source": {k: round(v, 4) for k, v in share.items()},
+        "cold_start_paths": {"no_history": int((paths == COLD).sum()),
+                             "few_events": int((paths == FEW).sum()),
+                             "regular": int((paths == REGULAR).sum())},
+        "config": {"popular": dataclasses.asdict(pop_cfg), "item_cf": dataclasses.asdict(cf_cfg),
+                   "two_tower": dataclasses.asdict(model_cfg),
+                   "two_tower_train": dataclasses.asdict(train_cfg),
+                   "candidates": dataclasses.asdict(cand_cfg), "rerank_depth": args.rerank,
+                   "ranker": {"model": "bst", "train": RANKER_TRAIN,
+                              "valid_auc": bst_meta.get("metrics", {}).get("valid_auc")}},
+        "two_tower_training": {"best_epoch": tt_result_d["best_epoch"],
+                               "valid_recall@50": tt_result_d["best_valid"],
+                               "seconds": round(tt_result_d["seconds"], 1),
+                               "history": tt_result_d["history"]},
+        "seconds": {"fit_popular_item_cf": round(fit_s, 2), "generate_all_queries": round(gen_s, 2),
+                    "bst_pairs_per_second": round(pair_rate, 1)},
+    }
+
+
+ABLATIONS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    # (name, train overrides, model overrides) on top of the benchmark's two-tower settings
+    ("default (mean encoder, logQ, in-batch only)", {}, {}),
+    ("no logQ correction", {"logq": False}, {}),
+    ("+16 uniform negatives", {"negatives": "uniform"}, {}),
+    ("+16 popularity negatives", {"negatives": "popularity"}, {}),
+    ("+16 hard negatives (from epoch 2)", {"negatives": "hard"}, {}),
+    ("temperature 0.2", {"temperature": 0.2}, {}),
+    ("positives: label-1 ratings only", {"positives": "label"}, {}),
+    ("transformer encoder", {}, {"encoder": "transformer"}),
+]
+
+
+def ablation(protocol: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Two-tower variants on one protocol: test metrics of each (epoch chosen on valid)."""
+    sdir = samples_for(protocol, Path(args.data_dir), Path(args.workdir))
+    samples = SampleSet.load(sdir)
+    catalog = Catalog.from_samples(samples)
+    test = QuerySet.from_samples(samples, "test")
+    valid = QuerySet.from_samples(samples, "valid")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    rows = []
+    for name, tr, mo in ABLATIONS:
+        train_cfg = from_dict(RetrieverTrainConfig, {**args.tt_train, **tr, "num_threads": threads})
+        model_cfg = from_dict(TwoTowerConfig, {**args.tt_model, **mo})
+        model, res = train_two_tower(samples, train_cfg, model_cfg, console=console, valid=valid)
+        _, ids = retrieve(model, catalog, test, 500)
+        met = {k: round(v, 4) for k, v in list_metrics(ids, test.targets).items()}
+        rows.append({"variant": name, "train": tr, "model": mo, "best_epoch": res.best_epoch,
+                     "valid_recall@50": round(res.best_valid, 4), "seconds": round(res.seconds, 1),
+                     "test": met})
+        console.log(f"{name}: {met}")
+    return {"protocol": protocol, "date": now(), "machine": machine(), "queries": len(test),
+            "command": "python benchmarks/bench_retrieval.py " + " ".join(sys.argv[1:]),
+            "base_train": args.tt_train, "base_model": args.tt_model, "variants": rows}
+
+
+def ablation_markdown(r: dict[str, Any]) -> list[str]:
+    lines = ["", f"**Two-tower variants on {r['protocol']}** (`{r['command'].strip()}`, "
+             f"{r['date']}; epoch chosen on valid Recall@50, test figures):", "",
+             "| variant | best epoch | valid Recall@50 | test Recall@50 | test Recall@200 | "
+             "test NDCG@10 | train time (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for v in r["variants"]:
+        m = v["test"]
+        lines.append(f"| {v['variant']} | {v['best_epoch']} | {v['valid_recall@50']:.4f} | "
+                     f"{m['recall@50']:.4f} | {m['recall@200']:.4f} | {m['ndcg@10']:.4f} | "
+                     f"{v['seconds']:.0f} |")
+    return lines
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    r0 = results[0]
+    m = r0["machine"]
+    lines = [
+        "## Retrieval (P2): candidate sources, merged candidates and the full funnel",
+        "",
+        f"`{r0['command'].strip()}` on {r0['date']}, {m['cores']} cores ({m['cpu']}). Queries: every "
+        "label-1 test sample; the user's history as of its time; catalog = every movie seen in "
+        "train; movies the user rated before are excluded. Popularity (half-life "
+        f"{r0['config']['popular']['half_life_days']:.0f} days, per gender x age segment) and "
+        "item-to-item co-occurrence are fitted on the train split; the two-tower is trained on "
+        "it with in-batch sampled softmax (logQ correction, temperature "
+        f"{r0['config']['two_tower_train']['temperature']}), epoch chosen on valid Recall@50. "
+        "Merged = quotas two_tower 300 / item_cf 150 / popular 50, deduplicated, in merged "
+        "order; funnel = the merged top "
+        f"{r0['config']['rerank_depth']} after pre-rank, ranked with BST (one epoch of "
+        "`train_ranker`), then the rest in pre-rank order.",
+        "",
+        "The funnel orders the merged candidates by the two-tower logit u.v/T (pre-rank: one dot "
+        "product per candidate), then ranks the pre-ranked top ones by log P(watch) + log P(like | "
+        "watch): the two-tower logit (a log-softmax over the catalog up to a per-query constant) "
+        "plus BST's log-sigmoid. BST is trained on rated movies only (P1 labels: rating >= 4), so "
+        "it knows how much a watched movie will be liked, not whether it will be watched; "
+        "ordered by BST alone (diagnostic row `bst_only`, where measured) the merged candidates "
+        "lose most of their NDCG@10. `prerank` is the pre-rank order without BST.",
+        "",
+    ]
+    for r in results:
+        lines += [f"**{r['protocol']}**: {r['queries']:,} queries, catalog {r['catalog']:,} "
+                  f"({r['targets_not_in_catalog']} targets never rated in train: a miss for all)",
+                  "",
+                  "| source | " + " | ".join(f"Recall@{k}" for k in KS) + " | NDCG@10 |",
+                  "|---|" + "---:|" * (len(KS) + 1)]
+        rows = [*r["sources"].items(), *((f"({n}: diagnostic)", m) for n, m in
+                                          r.get("funnel_diagnostics", {}).items())]
+        for name, met in rows:
+            lines.append(f"| {name} | " + " | ".join(f"{met[f'recall@{k}']:.4f}" for k in KS)
+                         + f" | {met['ndcg@10']:.4f} |")
+        tt = r["two_tower_training"]
+        found = r["merged_target_found_by"]
+        lines += ["", f"Two-tower: best epoch {tt['best_epoch']} (valid Recall@50 "
+                  f"{tt['valid_recall@50']:.4f}), trained in {tt['seconds']:.0f} s. Targets in the "
+                  "merged list, by the sources that proposed them: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in found.items() if v > 0)
+                  + f". BST scored {r['seconds']['bst_pairs_per_second']:,.0f} candidate pairs/s.",
+                  ""]
+        abl = RESULTS / f"retrieval_ablation_{r['protocol']}.json"
+        if abl.exists():
+            lines += [*ablation_markdown(json.loads(abl.read_text())), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--protocols", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
+    ap.add_argument("--workdir", default="artifacts/bench-retrieval")
+    ap.add_argument("--rerank", type=int, default=50,
+                    help="candidates per query the BST ranker scores (after pre-rank)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--bst-only", action="store_true",
+                    help="also rank the merged top --rerank by BST alone (a second BST pass)")
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--tt-train", type=json.loads, default={},
+                    help='two-tower train config overrides as JSON, e.g. \'{"max_epochs": 6}\'')
+    ap.add_argument("--tt-model", type=json.loads, default={"encoder": "mean"},
+                    help="two-tower model config overrides as JSON")
+    ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--ablation", action="store_true",
+                    help="train the two-tower variants of ABLATIONS instead (test metrics each)")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite the BENCHMARKS.md section from the saved results, run nothing")
+    args = ap.parse_args()
+    results = []
+    if args.ablation:
+        for protocol in args.protocols:
+            write_result(f"retrieval_ablation_{protocol}", ablation(protocol, args))
+        return
+    if args.markdown_only:
+        results = [json.loads((RESULTS / f"retrieval_{p}.json").read_text())
+                   for p in args.protocols if (RESULTS / f"retrieval_{p}.json").exists()]
+        update_section("retrieval", markdown(results))
+        return
+    for protocol in args.protocols:
+        if not (Path(args.data_dir) / DATASETS[protocol]).is_dir():
+            console.print(f"skip {protocol}: {DATASETS[protocol]} not in {args.data_dir}")
+            continue
+        r = run(protocol, args)
+        write_result(f"retrieval_{protocol}", r)
+        results.append(r)
+        console.print_json(data={"protocol": protocol, "sources": r["sources"]})
+    if not results:
+        raise SystemExit("no dataset found: nothing measured")
+    if not args.no_markdown:
+        update_section("retrieval", markdown(results))
+
+
+if __name__ == "__main__":
+    main()

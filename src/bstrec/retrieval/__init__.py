@@ -1,0 +1,1 @@
+"""Match stage: candidate generation (two-tower, item-to-item, popularity), merge, indexes."""

@@ -1,0 +1,152 @@
+"""The match stage end to end: every source's ranked list, cold-start routing, and the merge.
+
+Sources (each returns its top ``source_k`` catalog items per query, seen items excluded):
+
+- ``two_tower``: the user vector searched in the item index (exact or approximate);
+- ``item_cf``: the user's recent behaviours' co-occurrence neighbours (item_cf.py);
+- ``popular``: time-decayed popularity in the user's context segment (popular.py);
+- ``category``: popular items of the categories the user touched (cold-start path only).
+
+Users with a regular history get ``quotas`` of two_tower / item_cf / popular; users with none or
+few behaviours take the cold-start paths of coldstart.py.
+
+Notation: Q queries, N catalog size, k list length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from bstrec.retrieval.catalog import Catalog, QuerySet
+from bstrec.retrieval.coldstart import COLD, FEW, REGULAR, ColdStartConfig, category_scores, route
+from bstrec.retrieval.index import VectorIndex
+from bstrec.retrieval.item_cf import ItemCF
+from bstrec.retrieval.merge import Candidates, merge
+from bstrec.retrieval.popular import Popularity
+from bstrec.retrieval.topk import drop_excluded, top_k
+from bstrec.retrieval.two_tower import TwoTower
+
+I64 = npt.NDArray[np.int64]
+SOURCES = ("two_tower", "item_cf", "popular", "category")
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """(``bstrec.config.from_dict`` fills it; unknown keys are errors)."""
+
+    quotas: tuple[tuple[str, int], ...] = (("two_tower", 300), ("item_cf", 150), ("popular", 50))
+    source_k: int = 500  # length of each source's own list
+    cold: ColdStartConfig = field(default_factory=ColdStartConfig)
+
+    def __post_init__(self) -> None:
+        for name, q in self.quotas:
+            if name not in SOURCES or q < 0:
+                raise ValueError(f"bad quota {name}={q}; sources are {list(SOURCES)}")
+        if self.source_k < 1:
+            raise ValueError("source_k must be >= 1")
+
+    @property
+    def total(self) -> int:
+        return sum(q for _, q in self.quotas)
+
+
+class CandidateGenerator:
+    """``source_lists(queries, rows)`` and ``generate(queries)``; any source may be absent."""
+
+    def __init__(self, catalog: Catalog, *, model: TwoTower | None = None,
+                 index: VectorIndex | None = None, item_cf: ItemCF | None = None,
+                 popular: Popularity | None = None, config: CandidateConfig | None = None) -> None:
+        self.catalog = catalog
+        self.model = model
+        self.index = index
+        self.item_cf = item_cf
+        self.popular = popular
+        self.config = config or CandidateConfig()
+
+    # -- sources ---------------------------------------------------------------------------
+    def _two_tower(self, batch: dict[str, Tensor], seen: Tensor, k: int) -> I64:
+        assert self.model is not None and self.index is not None
+        with torch.no_grad():
+            self.model.eval()
+            u = self.model.encode_users(batch).numpy()
+        # ask for enough extra results that k remain once the seen ones are dropped
+        extra = int(seen.sum(1).max()) if len(seen) else 0
+        scores, ids = self.index.search(u, min(k + extra, max(len(self.index), 1)))
+        return drop_excluded(ids, scores, seen, k)[1]
+
+    def _dense(self, scores: Tensor, seen: Tensor, k: int) -> I64:
+        # a source that gives an item no evidence (score 0) does not propose it
+        s = scores.masked_fill(scores <= 0, -torch.inf)
+        return top_k(s, k, seen)[1].numpy()
+
+    def source_lists(self, queries: QuerySet, rows: I64, k: int | None = None
+                     ) -> dict[str, I64]:
+        """Each available source's top k (default ``source_k``) for ``rows``: (q, k), -1 = none."""
+        k = k or self.config.source_k
+        batch = queries.data.batch(torch.from_numpy(rows))
+        seen = queries.seen_mask(rows, self.catalog.size)
+        out: dict[str, I64] = {}
+        if self.model is not None and self.index is not None:
+            out["two_tower"] = self._two_tower(batch, seen, k)
+        if self.item_cf is not None:
+            out["item_cf"] = self._dense(self.item_cf.scores(batch["hist_item"],
+                                                             batch["hist_mask"]), seen, k)
+        if self.popular is not None:
+            ctx = self.popular.context_scores(self.popular.segment_of(batch))
+            out["popular"] = self._dense(torch.from_numpy(ctx).float(), seen, k)
+            out["category"] = self._dense(category_scores(
+                self.popular, batch["hist_cat"], batch["hist_mask"]), seen, k)
+        return out
+
+    # -- merge -----------------------------------------------------------------------------
+    def merge_rows(self, queries: QuerySet, rows: I64, lists: dict[str, I64]) -> Candidates:
+        """Merged candidates of ``rows`` from their source lists, cold-start routing applied."""
+        cfg = self.config
+        total = cfg.total
+        paths = route(queries.data.tensors["hist_mask"][torch.from_numpy(rows)], cfg.cold)
+        ids = np.full((len(rows), total), -1, dtype=np.int64)
+        src = np.zeros((len(rows), total), dtype=np.int64)
+        plans = {REGULAR: dict(cfg.quotas), FEW: cfg.cold.few_quotas(total),
+                 COLD: {"popular": total}}
+        for path, quotas in plans.items():
+            sel = np.flatnonzero(paths == path)
+            if not len(sel):
+                continue
+            sub = {n: v[sel] for n, v in lists.items()}
+            r = rows[sel]
+            lo, hi = queries.seen_offsets[r], queries.seen_offsets[r + 1]
+            offsets = np.zeros(len(r) + 1, dtype=np.int64)
+            np.cumsum(hi - lo, out=offsets[1:])
+            flat = np.concatenate([queries.seen_items[a:b] for a, b in zip(lo, hi, strict=True)]) \
+                if len(r) else np.zeros(0, dtype=np.int64)
+            # when a source is missing, its quota goes to the others through backfill
+            usable = {n: q for n, q in quotas.items() if n in sub} or {"popular": total}
+            c = merge(sub, usable, seen_offsets=offsets, seen_items=flat, names=SOURCES)
+            # backfilled lists can be shorter than the total when sources run out
+            ids[sel, :c.ids.shape[1]] = c.ids[:, :total]
+            src[sel, :c.ids.shape[1]] = c.sources[:, :total]
+        return Candidates(ids, src, SOURCES)
+
+    def batches(self, queries: QuerySet, batch: int = 2048) -> Iterator[I64]:
+        for lo in range(0, len(queries), batch):
+            yield np.arange(lo, min(lo + batch, len(queries)), dtype=np.int64)
+
+    def generate(self, queries: QuerySet, batch: int = 2048
+                 ) -> tuple[Candidates, dict[str, I64]]:
+        """Merged candidates of every query, and every source's own list (for evaluation)."""
+        merged: list[Candidates] = []
+        per_source: dict[str, list[I64]] = {}
+        for rows in self.batches(queries, batch):
+            lists = self.source_lists(queries, rows)
+            for n, v in lists.items():
+                per_source.setdefault(n, []).append(v)
+            merged.append(self.merge_rows(queries, rows, lists))
+        cands = Candidates(np.concatenate([m.ids for m in merged]),
+                           np.concatenate([m.sources for m in merged]), SOURCES)
+        return cands, {n: np.concatenate(v) for n, v in per_source.items()}

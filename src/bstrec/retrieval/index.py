@@ -1,0 +1,257 @@
+"""Vector indexes behind one interface: ``search(queries, k) -> (scores, ids)`` by inner product.
+
+Notation: N indexed vectors, Q queries, D width, k results per query.
+
+- ``ExactIndex``: NumPy matrix product and a partial sort; exact, no dependency beyond NumPy.
+- ``FaissIndex``: FAISS ``flat`` (IndexFlatIP, exact), ``hnsw`` (IndexHNSWFlat, graph) or ``ivf``
+  (IndexIVFFlat, inverted lists over a k-means coarse quantizer), all by inner product.
+
+Every index maps its internal positions to caller ids (int64) itself, so that ``add`` works the
+same for all kinds (FAISS' HNSW has no ``add_with_ids``) and new items are searchable without a
+rebuild: flat and HNSW append to their storage / graph, IVF assigns new vectors to the lists of
+the centroids it already has. Missing results (fewer than k vectors, or an IVF probe that finds
+too few) come back as id -1 with score -inf.
+
+On disk an index is a folder: ``index.json`` (kind, parameters, dim, count), ``ids.npy`` and
+either ``vectors.npy`` (exact) or ``index.faiss`` (FAISS' own format; nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from bstrec.data.io import atomic_dir
+
+Kind = Literal["exact", "flat", "hnsw", "ivf"]
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+META = "index.json"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which index and its knobs (``bstrec.config.from_dict`` fills it; unknown keys are errors)."""
+
+    kind: Kind = "exact"
+    # HNSW: graph degree, build-time and search-time beam widths
+    hnsw_m: int = 32
+    ef_construction: int = 100
+    ef_search: int = 128
+    # IVF: number of inverted lists (clamped to the training set / 39), lists probed per query,
+    # and how many vectors train the coarse k-means (the rest are only assigned)
+    nlist: int = 1024
+    nprobe: int = 32
+    train_size: int = 100_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("exact", "flat", "hnsw", "ivf"):
+            raise ValueError(f"kind must be exact|flat|hnsw|ivf, got {self.kind!r}")
+        for name in ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "train_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _as_f32(x: npt.ArrayLike, dim: int | None = None) -> F32:
+    a = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or (dim is not None and a.shape[1] != dim):
+        raise ValueError(f"expected vectors of shape (n, {dim or 'D'}), got {a.shape}")
+    return a
+
+
+class VectorIndex(ABC):
+    """Inner-product search over vectors with caller ids."""
+
+    config: IndexConfig
+    dim: int
+    ids: I64
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @abstractmethod
+    def _add_vectors(self, vectors: F32) -> None: ...
+
+    @abstractmethod
+    def _search_positions(self, queries: F32, k: int) -> tuple[F32, I64]:
+        """(Q, D), k -> scores (Q, k), positions (Q, k), -1 where missing."""
+
+    @abstractmethod
+    def _save_vectors(self, folder: Path) -> None: ...
+
+    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Append ``vectors`` (n, D) under ``ids`` (n,); no rebuild of what is there."""
+        v = _as_f32(vectors, self.dim)
+        new = np.asarray(ids, dtype=np.int64).ravel()
+        if new.shape[0] != v.shape[0]:
+            raise ValueError(f"{new.shape[0]} ids for {v.shape[0]} vectors")
+        if np.intersect1d(new, self.ids).size or np.unique(new).size != new.size:
+            raise ValueError("ids must be unique and not already in the index")
+        self._add_vectors(v)
+        self.ids = np.concatenate([self.ids, new])
+
+    def search(self, queries: npt.ArrayLike, k: int) -> tuple[F32, I64]:
+        """(Q, D) queries -> scores (Q, k) descending and ids (Q, k); -1 / -inf where missing."""
+        q = _as_f32(queries, self.dim)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        scores, pos = self._search_positions(q, k)
+        ok = pos >= 0
+        out_ids = np.where(ok, self.ids[np.where(ok, pos, 0)] if len(self) else -1, -1)
+        return np.where(ok, scores, -np.inf).astype(np.float32), out_ids.astype(np.int64)
+
+    def save(self, folder: str | Path) -> Path:
+        with atomic_dir(folder) as tmp:
+            np.save(tmp / "ids.npy", self.ids)
+            self._save_vectors(tmp)
+            meta = {"config": asdict(self.config), "dim": self.dim, "count": len(self)}
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        return Path(folder)
+
+
+class ExactIndex(VectorIndex):
+    """Exact inner product with NumPy: (Q, N) scores in blocks of queries, top k by argpartition."""
+
+    def __init__(self, dim: int, config: IndexConfig | None = None, block: int = 1024) -> None:
+        self.config = config or IndexConfig(kind="exact")
+        self.dim = dim
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.vectors: F32 = np.zeros((0, dim), dtype=np.float32)
+        self.block = block
+
+    def _add_vectors(self, vectors: F32) -> None:
+        self.vectors = np.concatenate([self.vectors, vectors])
+
+    def _search_positions(self, queries: F32, k: int) -> tuple[F32, I64]:
+        n = len(self.vectors)
+        kk = min(k, n)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        pos = np.full((len(queries), k), -1, dtype=np.int64)
+        if kk == 0:
+            return scores, pos
+        for lo in range(0, len(queries), self.block):
+            s = queries[lo:lo + self.block] @ self.vectors.T  # (q, N)
+            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < n else \
+                np.broadcast_to(np.arange(n), s.shape).copy()
+            ts = np.take_along_axis(s, top, 1)
+            order = np.argsort(-ts, axis=1, kind="stable")
+            scores[lo:lo + self.block, :kk] = np.take_along_axis(ts, order, 1)
+            pos[lo:lo + self.block, :kk] = np.take_along_axis(top, order, 1)
+        return scores, pos
+
+    def _save_vectors(self, folder: Path) -> None:
+        np.save(folder / "vectors.npy", self.vectors)
+
+
+class FaissIndex(VectorIndex):
+    """FAISS flat / HNSW / IVF by inner product (see the module docstring)."""
+
+    index: Any  # the FAISS object (its typing stubs do not know each kind's fields)
+
+    def __init__(self, dim: int, config: IndexConfig, index: Any | None = None) -> None:
+        import faiss
+
+        if config.kind == "exact":
+            raise ValueError("FaissIndex serves kinds flat|hnsw|ivf; use ExactIndex for 'exact'")
+        self.config = config
+        self.dim = dim
+        self.ids = np.zeros(0, dtype=np.int64)
+        made: Any = index
+        if made is None:
+            if config.kind == "flat":
+                made = faiss.IndexFlatIP(dim)
+            elif config.kind == "hnsw":
+                made = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                made.hnsw.efConstruction = config.ef_construction
+            else:
+                # the quantizer must outlive this call: FAISS holds a raw pointer to it
+                self._quantizer = faiss.IndexFlatIP(dim)
+                made = faiss.IndexIVFFlat(self._quantizer, dim, config.nlist,
+                                          faiss.METRIC_INNER_PRODUCT)
+        self.index = made
+        self.set_search_params(ef_search=config.ef_search, nprobe=config.nprobe)
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change the speed/recall trade-off of an HNSW (``ef_search``) or IVF (``nprobe``) index."""
+        if self.config.kind == "hnsw" and ef_search is not None:
+            self.index.hnsw.efSearch = ef_search
+        if self.config.kind == "ivf" and nprobe is not None:
+            self.index.nprobe = nprobe
+
+    def _train(self, vectors: F32) -> None:
+        """IVF: fit the coarse quantizer on a seeded subsample; other kinds need no training."""
+        if self.index.is_trained:
+            return
+        rng = np.random.default_rng(self.config.seed)
+        n = len(vectors)
+        sample = vectors[rng.choice(n, min(n, self.config.train_size), replace=False)]
+        # k-means wants at least ~39 points per centroid; fewer lists than asked on small data
+        nlist = max(1, min(self.config.nlist, len(sample) // 39))
+        if nlist != self.index.nlist:
+            import faiss
+
+            self._quantizer = faiss.IndexFlatIP(self.dim)
+            self.index = faiss.IndexIVFFlat(self._quantizer, self.dim, nlist,
+                                            faiss.METRIC_INNER_PRODUCT)
+            self.set_search_params(nprobe=self.config.nprobe)
+        self.index.cp.seed = self.config.seed
+        self.index.train(sample)
+
+    def _add_vectors(self, vectors: F32) -> None:
+        self._train(vectors)
+        self.index.add(vectors)
+
+    def _search_positions(self, queries: F32, k: int) -> tuple[F32, I64]:
+        if self.index.ntotal == 0:
+            return (np.full((len(queries), k), -np.inf, dtype=np.float32),
+                    np.full((len(queries), k), -1, dtype=np.int64))
+        scores, pos = self.index.search(queries, k)
+        return scores.astype(np.float32), pos.astype(np.int64)
+
+    def _save_vectors(self, folder: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+
+
+def build_index(ids: npt.ArrayLike, vectors: npt.ArrayLike,
+                config: IndexConfig | None = None) -> VectorIndex:
+    """An index of ``config.kind`` holding ``vectors`` (N, D) under ``ids`` (N,)."""
+    cfg = config or IndexConfig()
+    v = _as_f32(vectors)
+    index: VectorIndex = ExactIndex(v.shape[1], cfg) if cfg.kind == "exact" \
+        else FaissIndex(v.shape[1], cfg)
+    index.add(ids, v)
+    return index
+
+
+def load_index(folder: str | Path) -> VectorIndex:
+    """The index saved in ``folder`` by ``VectorIndex.save``."""
+    root = Path(folder)
+    if not (root / META).exists():
+        raise FileNotFoundError(f"{root / META} not found: is {root} a saved index?")
+    meta = json.loads((root / META).read_text())
+    cfg = IndexConfig(**meta["config"])
+    dim = int(meta["dim"])
+    index: VectorIndex
+    if cfg.kind == "exact":
+        exact = ExactIndex(dim, cfg)
+        exact.vectors = np.load(root / "vectors.npy", allow_pickle=False).astype(np.float32)
+        index = exact
+    else:
+        import faiss
+
+        index = FaissIndex(dim, cfg, faiss.read_index(str(root / "index.faiss")))
+    index.ids = np.load(root / "ids.npy", allow_pickle=False).astype(np.int64)
+    if len(index) != int(meta["count"]):
+        raise ValueError(f"{root}: {len(index)} ids but index.json says {meta['count']}")
+    return index

@@ -1,0 +1,334 @@
+"""A serving bundle: every artifact a request needs, in one directory, versioned and verified.
+
+Layout (written in one atomic rename; nothing in it is ever unpickled)::
+
+    manifest.json        format version, bundle version, sources, id types, pipeline config,
+                         sha256 of every other file
+    ranker.onnx          the BST ranker (ranking/export.py), spec in its metadata
+    feature_spec.json    the feature specification shared by every model of the bundle
+    vocab.json           the vocabularies that encode requests (features/online.py)
+    catalog.parquet      encoded item features by item index (retrieval/catalog.py)
+    items.parquet        the raw item table: seeds the feature store, and answers when it is down
+    popular/             time-decayed popularity (the fallback and cold-start source)
+    item_cf/             item-to-item neighbours (a source, and "similar items")
+    two_tower/           optional: the two-tower checkpoint (user tower for the index query)
+    item_vectors.npy     optional: (N, D) item vectors by item index (pre-rank dot products)
+    index/               optional: the vector index of the catalog's item vectors
+
+A bundle is refused (:class:`BundleError`) when a file is missing or does not match its hash,
+when its models disagree on the feature spec, or when the ranker does not run on a valid batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+import bstrec
+from bstrec.config import ConfigError, from_dict
+from bstrec.data.io import atomic_dir
+from bstrec.data.samples import SampleSet
+from bstrec.data.schema import Dataset
+from bstrec.features.spec import FeatureSpec
+from bstrec.features.store import Features, ItemId
+from bstrec.features.vocab import Vocabularies
+from bstrec.retrieval.catalog import Catalog
+from bstrec.retrieval.index import IndexConfig, VectorIndex, build_index, load_index
+from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
+from bstrec.retrieval.popular import PopularConfig, Popularity
+from bstrec.retrieval.two_tower import TwoTower
+from bstrec.serving.config import PipelineConfig
+from bstrec.serving.runtime import RankerRuntime
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RANKER = "ranker.onnx"
+SPEC = "feature_spec.json"
+VOCAB = "vocab.json"
+CATALOG = "catalog.parquet"
+ITEMS = "items.parquet"
+POPULAR = "popular"
+ITEM_CF = "item_cf"
+TWO_TOWER = "two_tower"
+ITEM_VECTORS = "item_vectors.npy"
+INDEX = "index"
+
+IdType = Literal["int", "str"]
+F32 = npt.NDArray[np.float32]
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete, corrupted or inconsistent."""
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the artifacts in memory, ready to serve."""
+
+    path: Path
+    manifest: dict[str, Any]
+    spec: FeatureSpec
+    vocabs: Vocabularies
+    ranker: RankerRuntime
+    catalog: Catalog
+    items: dict[ItemId, Features]  # raw item features by raw item id
+    popular: Popularity
+    item_cf: ItemCF
+    config: PipelineConfig
+    two_tower: TwoTower | None = None
+    item_vectors: F32 | None = None
+    index: VectorIndex | None = None
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def user_id_type(self) -> IdType:
+        t: IdType = self.manifest["id_types"]["user_id"]
+        return t
+
+    @property
+    def item_id_type(self) -> IdType:
+        t: IdType = self.manifest["id_types"]["item_id"]
+        return t
+
+
+# --- building -------------------------------------------------------------------------------
+
+def _default_segment(spec: FeatureSpec) -> tuple[str, ...]:
+    """Popularity segments: the default (gender x age) where the data has those features, else
+    up to two small user features (a segment is the product of their vocabularies)."""
+    have = {f.name: f for f in spec.features if f.group == "user" and f.name != "user"}
+    default = tuple(n for n in PopularConfig().segment if n in have)
+    if default:
+        return default
+    return tuple(n for n, f in have.items() if f.vocab_size <= 64)[:2]
+
+
+def _id_type(dtype: pl.DataType) -> IdType:
+    return "str" if dtype == pl.String else "int"
+
+
+def _same_vocabs(a: Vocabularies, b: Vocabularies) -> bool:
+    return a.keys() == b.keys() and all(a[k].values == b[k].values for k in a)
+
+
+def build_bundle(
+    samples_dir: str | Path,
+    ranker_checkpoint: str | Path,
+    out: str | Path,
+    *,
+    retriever_dir: str | Path | None = None,
+    index_config: IndexConfig | None = None,
+    item_cf_config: ItemCFConfig | None = None,
+    popular_config: PopularConfig | None = None,
+    pipeline_config: PipelineConfig | None = None,
+    version: str | None = None,
+) -> Path:
+    """Write a bundle at ``out`` (atomically; an existing one is replaced) and return its path.
+
+    ``samples_dir``: output of ``bstrec data build`` (vocabularies, spec, train split, dataset
+    tables); ``ranker_checkpoint``: a ranker checkpoint or training run (its ``best/``);
+    ``retriever_dir``: optional output of ``train_two_tower(out_dir=...)``. Popularity and
+    item-CF are fitted here on the train split (seconds, even on ML-1M).
+    """
+    from bstrec.ranking.export import export_ranker
+    from bstrec.retrieval.train import item_vectors, load_retriever
+    from bstrec.training.checkpoint import load_checkpoint
+
+    samples = SampleSet.load(samples_dir, splits=("train",))
+    if samples.dataset is None:
+        raise BundleError(f"{samples_dir} has no dataset/ tables: rebuild it with `bstrec data build`")
+    dataset: Dataset = samples.dataset
+    ckpt_path = Path(ranker_checkpoint)
+    if (ckpt_path / "best").is_dir():
+        ckpt_path = ckpt_path / "best"
+    ranker = load_checkpoint(ckpt_path)
+    if ranker.spec != samples.spec or not _same_vocabs(ranker.vocabs, samples.vocabs):
+        raise BundleError(f"the ranker {ckpt_path} was trained on other samples than {samples_dir} "
+                          "(feature spec or vocabularies differ)")
+    spec = samples.spec
+    catalog = Catalog.from_samples(samples)
+    train = samples.splits["train"]
+    pop_cfg = popular_config or PopularConfig(segment=_default_segment(spec))
+    sizes = {f.name: f.vocab_size for f in spec.features if f.group == "user"}
+    popular = Popularity.fit(train, catalog.features["category"].numpy(),
+                             spec.vocab_size("category"), sizes, pop_cfg)
+    item_cf = ItemCF.fit(train, catalog.size, item_cf_config)
+    two_tower: TwoTower | None = None
+    if retriever_dir is not None:
+        two_tower, tt_catalog = load_retriever(retriever_dir)
+        if tt_catalog.size != catalog.size:
+            raise BundleError(f"the retriever {retriever_dir} has a catalog of {tt_catalog.size} "
+                              f"items, the samples {catalog.size}")
+    created = datetime.now(UTC)
+    target = Path(out)
+    with atomic_dir(target) as tmp:
+        with _quiet("onnxscript", "onnx_ir"):  # the exporter's optimizer logs at INFO
+            export_ranker(ranker.model, spec, tmp / RANKER)
+        spec.save(tmp / SPEC)
+        samples.vocabs.save(tmp / VOCAB)
+        catalog.save(tmp / CATALOG)
+        dataset.items.write_parquet(tmp / ITEMS)
+        popular.save(tmp / POPULAR)
+        item_cf.save(tmp / ITEM_CF)
+        if two_tower is not None and retriever_dir is not None:
+            shutil.copytree(Path(retriever_dir) / "best", tmp / TWO_TOWER)
+            vectors = item_vectors(two_tower, catalog).numpy().astype(np.float32)
+            np.save(tmp / ITEM_VECTORS, vectors)
+            ids = catalog.candidates
+            build_index(ids, vectors[ids], index_config).save(tmp / INDEX)
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*"))
+                 if p.is_file()}
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:10]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": version or f"{ranker.model_name}-{created:%Y%m%dT%H%M%SZ}-{digest}",
+            "created": created.isoformat(timespec="seconds"),
+            "bstrec_version": bstrec.__version__,
+            "dataset": dataset.name,
+            "samples": {"path": str(Path(samples_dir).resolve()),
+                        "config_hash": samples.manifest.get("config_hash"),
+                        "protocol": samples.manifest.get("protocol")},
+            "ranker": {"model_name": ranker.model_name, "checkpoint": str(ckpt_path.resolve()),
+                       "metrics": ranker.metrics},
+            "retriever": None if retriever_dir is None else {
+                "path": str(Path(retriever_dir).resolve()),
+                "index": dataclasses.asdict(index_config or IndexConfig())},
+            "id_types": {"user_id": _id_type(dataset.users.schema["user_id"]),
+                         "item_id": _id_type(dataset.items.schema["item_id"])},
+            "pipeline": json.loads(json.dumps(dataclasses.asdict(
+                pipeline_config or PipelineConfig()))),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return target
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def read_manifest(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of the bundle at ``path``, after checking its format and file hashes."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a bundle directory (it does not exist)")
+    mpath = root / MANIFEST
+    if not mpath.exists():
+        raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath} is corrupted: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} is corrupted: expected a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{root}: bundle format {manifest.get('format_version')!r} is not "
+                          f"supported (this bstrec reads {FORMAT_VERSION})")
+    for key in ("version", "files", "id_types", "pipeline"):
+        if key not in manifest:
+            raise BundleError(f"{mpath} is corrupted: no {key!r}")
+    for name in (RANKER, SPEC, VOCAB, CATALOG, ITEMS):
+        if name not in manifest["files"]:
+            raise BundleError(f"{root} is incomplete: {MANIFEST} lists no {name}")
+    if verify:
+        for name, digest in manifest["files"].items():
+            file = root / name
+            if not file.is_file():
+                raise BundleError(f"{root} is incomplete: {name} is missing")
+            if _sha256(file) != digest:
+                raise BundleError(f"{file} is corrupted: its sha256 does not match {MANIFEST}")
+    return manifest
+
+
+def load_bundle(path: str | Path, *, verify: bool = True, ort_threads: int = 1) -> Bundle:
+    """Load and check the bundle at ``path``; raises BundleError saying what is wrong."""
+    root = Path(path)
+    manifest = read_manifest(root, verify=verify)
+    try:
+        config = from_dict(PipelineConfig, manifest["pipeline"], where=f"{root}/{MANIFEST}:pipeline")
+        spec = FeatureSpec.load(root / SPEC)
+        vocabs = Vocabularies.load(root / VOCAB)
+        catalog = Catalog.load(root / CATALOG, spec)
+        items_frame = pl.read_parquet(root / ITEMS)
+        popular = Popularity.load(root / POPULAR)
+        item_cf = ItemCF.load(root / ITEM_CF)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, ConfigError,
+            pl.exceptions.PolarsError) as exc:
+        raise BundleError(f"{root}: cannot read an artifact: {exc}") from None
+    try:
+        ranker = RankerRuntime(root / RANKER, threads=ort_threads)
+        ranker.check()
+    except Exception as exc:  # ONNX Runtime raises its own types on a bad graph
+        raise BundleError(f"{root / RANKER} does not load or run: {exc}") from None
+    if ranker.spec != spec:
+        raise BundleError(f"{root}: the ranker was exported for another feature spec than {SPEC}")
+    n_items = spec.vocab_size("item_id")
+    for what, size in (("catalog", catalog.size), ("popularity", popular.size),
+                       ("item-CF", item_cf.size)):
+        if size != n_items:
+            raise BundleError(f"{root}: the {what} covers {size} item ids, the spec {n_items}")
+    bundle = Bundle(path=root, manifest=manifest, spec=spec, vocabs=vocabs, ranker=ranker,
+                    catalog=catalog, items=_item_table(items_frame), popular=popular,
+                    item_cf=item_cf, config=config)
+    if (root / TWO_TOWER).is_dir():
+        _load_retriever(bundle, root)
+    return bundle
+
+
+def _load_retriever(bundle: Bundle, root: Path) -> None:
+    from bstrec.retrieval.train import build_two_tower
+    from bstrec.training.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(root / TWO_TOWER, builder=build_two_tower)
+        vectors = np.load(root / ITEM_VECTORS, allow_pickle=False).astype(np.float32)
+        index = load_index(root / INDEX)
+    except (OSError, ValueError, CheckpointError) as exc:
+        raise BundleError(f"{root}: cannot read the retriever: {exc}") from None
+    if ckpt.spec != bundle.spec:
+        raise BundleError(f"{root}: the two-tower was trained for another feature spec")
+    if vectors.shape[0] != bundle.catalog.size or index.dim != vectors.shape[1]:
+        raise BundleError(f"{root}: item vectors {vectors.shape} do not fit the catalog "
+                          f"({bundle.catalog.size}) or the index (dim {index.dim})")
+    assert isinstance(ckpt.model, TwoTower)
+    bundle.two_tower, bundle.item_vectors, bundle.index = ckpt.model, vectors, index
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    saved = [(log, log.level) for log in map(logging.getLogger, loggers)]
+    for log, _ in saved:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in saved:
+            log.setLevel(level)
+
+
+def _item_table(frame: pl.DataFrame) -> dict[ItemId, Features]:
+    """Raw item rows as {item id: features} with the feature store's JSON values."""
+    cols = [c for c in frame.columns if c != "item_id"]
+    return {row["item_id"]: {c: row[c] for c in cols} for row in frame.iter_rows(named=True)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

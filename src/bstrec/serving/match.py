@@ -1,0 +1,78 @@
+"""The match stage for one online request, on retrieval's own sources and merge.
+
+retrieval/candidates.py generates candidates for offline query sets (``QuerySet``); a request
+is a query set of one row: the user's batch-contract row built by ``OnlineFeatures`` from the
+feature store, and the items they have seen. This adapter builds that one-row set, so the
+online candidates, cold-start routing and quotas are exactly the offline ones.
+
+Notation: K merged candidates, D vector width, N catalog size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from bstrec.retrieval.candidates import CandidateGenerator
+from bstrec.retrieval.catalog import QuerySet
+from bstrec.retrieval.coldstart import COLD, FEW, route
+from bstrec.serving.bundle import Bundle
+from bstrec.training.tensors import Batch, TensorSplit
+
+I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+PATHS = {COLD: "cold", FEW: "few"}
+
+
+@dataclass
+class Matched:
+    """Merged candidates of one request: ``ids`` (K,) item indices in merged order, ``sources``
+    (K,) source names of each, ``path`` the cold-start route taken."""
+
+    ids: I64
+    sources: list[tuple[str, ...]]
+    path: str
+    per_source: dict[str, int]
+
+
+class OnlineMatcher:
+    """``match(row, seen) -> Matched`` and ``prerank(row, ids) -> scores`` for one request."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.generator = CandidateGenerator(
+            bundle.catalog, model=bundle.two_tower, index=bundle.index, item_cf=bundle.item_cf,
+            popular=bundle.popular, config=bundle.config.candidates)
+
+    def match(self, row: Batch, seen: I64) -> Matched:
+        """``row``: the user's batch contract, one row (history, profile, context); ``seen``:
+        item indices never to propose."""
+        queries = QuerySet(data=TensorSplit(row), targets=np.full(1, -1, dtype=np.int64),
+                           users=np.zeros(1, dtype=np.int64),
+                           seen_offsets=np.array([0, len(seen)], dtype=np.int64),
+                           seen_items=np.asarray(seen, dtype=np.int64))
+        rows = np.zeros(1, dtype=np.int64)
+        lists = self.generator.source_lists(queries, rows)
+        merged = self.generator.merge_rows(queries, rows, lists)
+        keep = np.flatnonzero(merged.ids[0] >= 0)
+        sources = [tuple(merged.source_names(0, int(c))) for c in keep]
+        per_source = {n: int(merged.from_source(n)[0, keep].sum()) for n in merged.names}
+        path = PATHS.get(int(route(row["hist_mask"], self.generator.config.cold)[0]), "regular")
+        return Matched(merged.ids[0, keep], sources, path,
+                       {n: c for n, c in per_source.items() if c})
+
+    @torch.no_grad()
+    def prerank(self, row: Batch, ids: I64) -> F32:
+        """(K,) candidates -> (K,) cheap scores: the two-tower dot product when the bundle has
+        one, else the items' global popularity."""
+        model, vectors = self.bundle.two_tower, self.bundle.item_vectors
+        if model is None or vectors is None:
+            out: F32 = self.bundle.popular.global_[ids].astype(np.float32)
+            return out
+        model.eval()
+        u = model.encode_users(row)[0].numpy()  # (D,)
+        scores: F32 = vectors[ids] @ u
+        return scores

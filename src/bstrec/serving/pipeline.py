@@ -1,0 +1,384 @@
+"""The request pipeline, plain Python (the HTTP layer in app.py only translates):
+
+1. read the user's snapshot from the feature store (last behaviours, profile);
+2. match: the user's query row (features/online.py) through retrieval's sources and merge;
+3. pre-rank: a dot product (two-tower) over every merged candidate, keep the best ``rank_n``;
+4. rank: the ``rank_n`` candidates' rows (the offline builder's code) in ONE batch through the
+   exported BST ranker in ONNX Runtime;
+5. rules: seen filter, per-category cap (rules.py); top K with score, sources, model version.
+
+When the feature store is unreachable the request still gets an answer: the user is served as
+a cold-start user (no history, no profile) and item features come from the bundle; the result
+says ``degraded`` and why. An unknown user is no error: they take the cold-start path.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from bstrec.features.online import OnlineFeatures
+from bstrec.features.spec import N_RESERVED, OOV
+from bstrec.features.store import (
+    Event,
+    Features,
+    ItemId,
+    StoreUnavailable,
+    UserId,
+    UserSnapshot,
+)
+from bstrec.serving.bundle import Bundle, IdType
+from bstrec.serving.guard import StoreGuard
+from bstrec.serving.match import OnlineMatcher
+from bstrec.serving.rules import apply_rules
+
+I64 = npt.NDArray[np.int64]
+STAGES = ("store", "features", "retrieve", "prerank", "rank_features", "rank", "rules")
+MAX_ID_CHARS = 256
+# Events stamped further than this in the future are refused (a clock or unit error: ms for s).
+MAX_FUTURE_S = 86_400
+
+
+class RequestError(ValueError):
+    """Bad input from a caller (HTTP 422): the message says what and where."""
+
+
+class NotFound(LookupError):
+    """An item the bundle and the store do not know (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: ItemId
+    score: float  # the ranker's click probability
+    prerank_score: float
+    sources: tuple[str, ...]  # the match-stage sources that proposed it
+    category: str | None
+    model_version: str
+    title: str | None = None  # the item table's title (MovieLens), for people reading the list
+
+
+@dataclass
+class Recommendation:
+    user_id: UserId
+    items: list[RecommendedItem]
+    model_version: str
+    request_time: int  # unix seconds the features were computed at
+    path: str  # match route: regular | few | cold
+    known_user: bool  # the store holds a profile or behaviours for the user
+    history_length: int
+    degraded: bool
+    degraded_reasons: list[str]
+    candidates: dict[str, int]  # merged candidates proposed by each source
+    timings_ms: dict[str, float]  # per pipeline stage (STAGES)
+
+
+@dataclass(frozen=True)
+class SimilarItem:
+    item_id: ItemId
+    score: float
+    source: str  # item_cf | two_tower | category
+    category: str | None
+
+
+@dataclass
+class Similar:
+    item_id: ItemId
+    items: list[SimilarItem]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    item_id: ItemId
+    timestamp: int
+    category: str | None
+    title: str | None
+
+
+@dataclass
+class History:
+    user_id: UserId
+    behaviours: list[HistoryItem]  # newest first
+    degraded: bool
+    degraded_reasons: list[str]
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    """An event as a caller sends it; ids may be int or str (coerced to the bundle's id type),
+    ``timestamp`` None = now, ``event_id`` None = ``user:item:timestamp``."""
+
+    user_id: int | str
+    item_id: int | str
+    timestamp: int | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    received: int
+    stored: int
+    ignored: int  # already stored (same event id), or older than the user's kept window
+
+
+@dataclass
+class _Stopwatch:
+    laps: dict[str, float] = field(default_factory=dict)
+    last: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = self.laps.get(stage, 0.0) + (now - self.last) * 1e3
+        self.last = now
+
+
+def parse_id(value: object, kind: IdType, what: str) -> int | str:
+    """A caller's id -> the bundle's id type (``"7"`` is user 7 where ids are integers)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RequestError(f"{what} must be an integer or a string, got {value!r}")
+    if isinstance(value, str) and not 0 < len(value) <= MAX_ID_CHARS:
+        raise RequestError(f"{what} must have 1 to {MAX_ID_CHARS} characters")
+    if kind == "str":
+        return str(value)
+    if isinstance(value, int):
+        return value
+    if not re.fullmatch(r"-?\d{1,18}", value.strip()):
+        raise RequestError(f"{what} must be an integer for this bundle (its ids are integers), "
+                           f"got {value!r}")
+    return int(value)
+
+
+class Pipeline:
+    """``recommend``, ``similar`` and ``ingest`` over one bundle and the feature store.
+
+    Thread-safe: requests share it; a reload builds a new Pipeline and swaps the reference.
+    """
+
+    def __init__(self, bundle: Bundle, guard: StoreGuard, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.bundle = bundle
+        self.guard = guard
+        self.clock = clock
+        self.features = OnlineFeatures(bundle.vocabs, bundle.spec)
+        self.matcher = OnlineMatcher(bundle)
+        self.item_vocab = bundle.vocabs["item_id"]
+        # the query row's target: any real item (retrieval reads the history, profile and
+        # context of that row, never its target columns)
+        self.probe_item: ItemId = self.item_vocab.values[0]
+        if self.guard.store.max_events < bundle.spec.max_len:
+            raise ValueError(f"the feature store keeps {self.guard.store.max_events} behaviours "
+                             f"per user, fewer than the ranker's history ({bundle.spec.max_len})")
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    # --- ids ----------------------------------------------------------------------------------
+    def user_id(self, value: object) -> UserId:
+        return parse_id(value, self.bundle.user_id_type, "user_id")
+
+    def item_id(self, value: object) -> ItemId:
+        return parse_id(value, self.bundle.item_id_type, "item_id")
+
+    def _raw(self, index: int) -> ItemId:
+        return self.item_vocab.values[index - N_RESERVED]
+
+    def _category(self, features: Features | None) -> str | None:
+        cat = None if features is None else features.get("category")
+        return None if cat is None else str(cat)
+
+    def _title(self, item: ItemId) -> str | None:
+        title = self.bundle.items.get(item, {}).get("title")
+        return None if title is None else str(title)
+
+    # --- store reads with fallbacks -----------------------------------------------------------
+    def _snapshot(self, user: UserId, reasons: list[str], use_store: bool) -> UserSnapshot:
+        if not use_store:
+            return UserSnapshot(user, (), None)
+        try:
+            return self.guard.call(lambda s: s.snapshot(user))
+        except StoreUnavailable as exc:
+            reasons.append(f"feature store unavailable ({exc}): served without the user's "
+                           "history and profile (cold start)")
+            return UserSnapshot(user, (), None)
+
+    def _items(self, ids: Sequence[ItemId], reasons: list[str],
+               use_store: bool) -> dict[ItemId, Features]:
+        """Item features from the store (it may hold newer ones), else from the bundle."""
+        found: dict[ItemId, Features] = {}
+        if use_store and not reasons:
+            try:
+                found = self.guard.call(lambda s: s.items(ids))
+            except StoreUnavailable as exc:
+                reasons.append(f"feature store unavailable ({exc}): item features from the "
+                               "bundle")
+        for i in ids:
+            if i not in found and i in self.bundle.items:
+                found[i] = self.bundle.items[i]
+        return found
+
+    # --- recommend ----------------------------------------------------------------------------
+    def recommend(self, user_id: object, k: int = 10, now: int | None = None) -> Recommendation:
+        """Top ``k`` items for ``user_id`` at time ``now`` (unix seconds; default the clock)."""
+        if k < 1:
+            raise RequestError(f"k must be >= 1, got {k}")
+        return self._recommend(self.user_id(user_id), k, now, use_store=True)
+
+    def warmup(self) -> Recommendation:
+        """One request for a user without history, the store untouched: loads every lazy part
+        (ONNX session, encoders, index) before the pipeline takes traffic."""
+        user: UserId = -1 if self.bundle.user_id_type == "int" else "__warmup__"
+        return self._recommend(user, 10, None, use_store=False)
+
+    def _recommend(self, user: UserId, k: int, now: int | None, *,
+                   use_store: bool) -> Recommendation:
+        ts = int(self.clock()) if now is None else int(now)
+        watch = _Stopwatch()
+        reasons: list[str] = []
+        snapshot = self._snapshot(user, reasons, use_store)
+        watch.lap("store")
+
+        items = self._items(self.features.item_ids_needed(snapshot, [self.probe_item]),
+                            reasons, use_store)
+        row = self.features.tensors(self.features.rows(snapshot, items, [self.probe_item], ts))
+        seen_raw = {b.item_id for b in snapshot.behaviours}
+        seen = np.array([i for i in self.item_vocab.encode_values(seen_raw) if i >= N_RESERVED],
+                        dtype=np.int64)
+        watch.lap("features")
+
+        matched = self.matcher.match(row, seen)
+        watch.lap("retrieve")
+
+        pre = self.matcher.prerank(row, matched.ids)
+        order = np.argsort(-pre, kind="stable")[:self.bundle.config.rank_n]
+        watch.lap("prerank")
+
+        cands = [self._raw(int(matched.ids[i])) for i in order]
+        missing = [c for c in cands if c not in items]
+        if missing:
+            items.update(self._items(missing, reasons, use_store))
+        scores = np.zeros(0, dtype=np.float32)
+        if cands:
+            batch = self.features.tensors(self.features.rows(snapshot, items, cands, ts))
+            watch.lap("rank_features")
+            scores = self.bundle.ranker.score(batch)
+        else:
+            watch.lap("rank_features")
+        watch.lap("rank")
+
+        version = self.version
+        ranked = [RecommendedItem(item_id=c, score=float(scores[j]),
+                                  prerank_score=float(pre[order[j]]),
+                                  sources=matched.sources[order[j]],
+                                  category=self._category(items.get(c)), model_version=version,
+                                  title=self._title(c))
+                  for j, c in enumerate(cands)]
+        ranked.sort(key=lambda r: -r.score)
+        final = apply_rules(ranked, k, item_of=lambda r: r.item_id,
+                            category_of=lambda r: r.category, seen=seen_raw,
+                            max_per_category=self.bundle.config.max_per_category)
+        watch.lap("rules")
+        return Recommendation(
+            user_id=user, items=final, model_version=version, request_time=ts,
+            path=matched.path,
+            known_user=snapshot.profile is not None or bool(snapshot.behaviours),
+            history_length=len(snapshot.behaviours), degraded=bool(reasons),
+            degraded_reasons=reasons, candidates=matched.per_source,
+            timings_ms={s: round(watch.laps.get(s, 0.0), 3) for s in STAGES})
+
+    # --- history -----------------------------------------------------------------------------
+    def history(self, user_id: object, n: int = 20) -> History:
+        """The user's last ``n`` behaviours in the feature store, newest first (what the ranker
+        reads as the sequence). An unknown user has none; a down store says so."""
+        if n < 1:
+            raise RequestError(f"n must be >= 1, got {n}")
+        user = self.user_id(user_id)
+        reasons: list[str] = []
+        snapshot = self._snapshot(user, reasons, use_store=True)
+        recent = list(reversed(snapshot.behaviours))[:n]
+        return History(user_id=user, degraded=bool(reasons), degraded_reasons=reasons,
+                       behaviours=[HistoryItem(item_id=b.item_id, timestamp=b.timestamp,
+                                               category=b.category, title=self._title(b.item_id))
+                                   for b in recent])
+
+    # --- similar items ------------------------------------------------------------------------
+    def similar(self, item_id: object, k: int = 10) -> Similar:
+        """Items like ``item_id``: item-CF neighbours, then two-tower neighbours, then popular
+        items of its category. Raises NotFound for an item neither the bundle nor the
+        vocabulary knows."""
+        if k < 1:
+            raise RequestError(f"k must be >= 1, got {k}")
+        raw = self.item_id(item_id)
+        idx = self.item_vocab.index.get(raw, OOV)
+        if idx == OOV and raw not in self.bundle.items:
+            raise NotFound(f"unknown item {raw!r}: not in this bundle's catalogue")
+        out: list[tuple[int, float, str]] = []
+        taken = {idx}
+        if idx != OOV:
+            sims, ids = self.bundle.item_cf.similar(np.array([idx]), k)
+            out += [(int(i), float(s), "item_cf") for i, s in zip(ids[0], sims[0], strict=True)
+                    if i >= N_RESERVED]
+            taken |= {i for i, _, _ in out}
+            vectors, index = self.bundle.item_vectors, self.bundle.index
+            if len(out) < k and vectors is not None and index is not None:
+                scores, nn = index.search(vectors[idx][None, :], k + len(taken))
+                for i, s in zip(nn[0], scores[0], strict=True):
+                    if i >= N_RESERVED and int(i) not in taken and len(out) < k:
+                        out.append((int(i), float(s), "two_tower"))
+                        taken.add(int(i))
+        if len(out) < k:
+            cat = self._category(self.bundle.items.get(raw))
+            cat_idx = self.bundle.vocabs["category"].index.get(cat, OOV) if cat else OOV
+            if cat_idx != OOV:
+                pop = self.bundle.popular.category_scores([cat_idx])[0]
+                for i in np.argsort(-pop, kind="stable"):
+                    if len(out) >= k or pop[i] <= 0:
+                        break
+                    if int(i) >= N_RESERVED and int(i) not in taken:
+                        out.append((int(i), float(pop[i]), "category"))
+                        taken.add(int(i))
+        items = [SimilarItem(item_id=self._raw(i), score=s, source=src,
+                             category=self._category(self.bundle.items.get(self._raw(i))))
+                 for i, s, src in out[:k]]
+        return Similar(item_id=raw, items=items, model_version=self.version)
+
+    # --- events -------------------------------------------------------------------------------
+    def ingest(self, events: Sequence[IncomingEvent], now: int | None = None) -> IngestResult:
+        """Validate every event, then append them all (atomic per user, idempotent by event
+        id). Raises RequestError naming the bad events (nothing is stored then), and
+        StoreUnavailable when the store cannot take them."""
+        ts_now = int(self.clock()) if now is None else int(now)
+        parsed: list[Event] = []
+        for n, e in enumerate(events):
+            user = parse_id(e.user_id, self.bundle.user_id_type, f"events[{n}].user_id")
+            item = parse_id(e.item_id, self.bundle.item_id_type, f"events[{n}].item_id")
+            ts = ts_now if e.timestamp is None else e.timestamp
+            if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+                raise RequestError(f"events[{n}].timestamp must be unix seconds >= 0, got {ts!r}")
+            if ts > ts_now + MAX_FUTURE_S:
+                raise RequestError(f"events[{n}].timestamp {ts} is more than a day in the future "
+                                   "(unix seconds expected, not milliseconds)")
+            eid = e.event_id or f"{user}:{item}:{ts}"
+            if len(eid) > MAX_ID_CHARS:
+                raise RequestError(f"events[{n}].event_id is longer than {MAX_ID_CHARS} characters")
+            cat = self._category(self.bundle.items.get(item))
+            parsed.append(Event(user, item, ts, eid, cat))
+        unknown = sorted({e.item_id for e in parsed if e.item_id not in self.bundle.items},
+                         key=str)
+        if unknown:
+            # items added to the store after the bundle was built are known too
+            in_store = self.guard.call(lambda s: s.items(unknown))
+            unknown = [i for i in unknown if i not in in_store]
+        if unknown:
+            where = [n for n, e in enumerate(parsed) if e.item_id in set(unknown)]
+            raise RequestError(f"unknown item(s) {unknown[:10]} in events {where[:10]}: not in the "
+                               "catalogue (nothing was stored)")
+        flags = self.guard.call(lambda s: s.append_many(parsed)) if parsed else []
+        stored = sum(flags)
+        return IngestResult(received=len(parsed), stored=stored, ignored=len(parsed) - stored)

@@ -1,0 +1,114 @@
+"""Request and response models of the HTTP API (published in its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+Id = StrictInt | StrictStr
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", from_attributes=True)
+
+
+class RecommendedItem(_Model):
+    item_id: Id
+    score: float = Field(description="The BST ranker's click probability")
+    prerank_score: float = Field(description="The pre-rank score (two-tower dot product)")
+    sources: list[str] = Field(description="Match-stage sources that proposed the item")
+    category: str | None
+    model_version: str
+    title: str | None = Field(None, description="The item's title, where the catalogue has one")
+
+
+class Recommendation(_Model):
+    user_id: Id
+    items: list[RecommendedItem]
+    model_version: str
+    request_time: int = Field(description="Unix seconds the features were computed at")
+    path: str = Field(description="Match route: regular, few (1-2 behaviours) or cold")
+    known_user: bool
+    history_length: int
+    degraded: bool = Field(description="True when fallbacks answered (e.g. feature store down)")
+    degraded_reasons: list[str]
+    candidates: dict[str, int] = Field(description="Merged candidates proposed by each source")
+    timings_ms: dict[str, float] = Field(description="Milliseconds per pipeline stage")
+
+
+class HistoryItem(_Model):
+    item_id: Id
+    timestamp: int
+    category: str | None
+    title: str | None
+
+
+class History(_Model):
+    user_id: Id
+    behaviours: list[HistoryItem] = Field(description="Newest first")
+    degraded: bool
+    degraded_reasons: list[str]
+
+
+class SimilarItem(_Model):
+    item_id: Id
+    score: float
+    source: str
+    category: str | None
+
+
+class Similar(_Model):
+    item_id: Id
+    items: list[SimilarItem]
+    model_version: str
+
+
+class EventIn(_Model):
+    user_id: Id
+    item_id: Id
+    timestamp: StrictInt | None = Field(None, description="Unix seconds; default: now")
+    event_id: StrictStr | None = Field(
+        None, max_length=256, description="Idempotency key; default user:item:timestamp")
+
+
+class EventBatch(_Model):
+    events: list[EventIn] = Field(min_length=1)
+
+
+class IngestResult(_Model):
+    received: int
+    stored: int
+    ignored: int = Field(description="Already stored, or older than the user's kept window")
+
+
+class StoreHealth(_Model):
+    ok: bool
+    backend: str
+    error: str | None
+    down_since: float | None
+
+
+class Ready(_Model):
+    ready: bool
+    degraded: bool
+    model_version: str
+    bundle: str
+    store: StoreHealth
+
+
+class Health(_Model):
+    status: str
+
+
+class ReloadRequest(_Model):
+    bundle: str | None = Field(None, description="Bundle directory; default: the configured one")
+
+
+class Reloaded(_Model):
+    model_version: str
+    previous_version: str
+    bundle: str
+    seconds: float
+
+
+class Error(_Model):
+    detail: str

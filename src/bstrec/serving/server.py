@@ -1,0 +1,68 @@
+"""Running the service: ``serve`` (blocking, ``bstrec serve``) and ``BackgroundServer`` (a real
+uvicorn server in a thread, on a loopback port: the quickstart and the service tests)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+
+import uvicorn
+from fastapi import FastAPI
+
+from bstrec.serving.settings import Settings
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> None:
+    """Load the bundle, open and seed the store, serve until interrupted."""
+    import torch
+
+    from bstrec.serving.app import create_app
+
+    torch.set_num_threads(settings.torch_threads)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                access_log=False)
+
+
+class BackgroundServer:
+    """``with BackgroundServer(app) as srv: httpx.get(srv.url + "/healthz")``."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None,
+                 log_level: str = "warning") -> None:
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port,
+                                                    log_level=log_level, access_log=False))
+        self.thread = threading.Thread(target=self.server.run, name="bstrec-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,55 @@
+"""Service settings from the environment (prefix ``BSTREC_``) or keyword arguments; unknown
+keyword arguments are errors. ``bstrec serve`` fills them from its options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bstrec.features.store import StoreConfig
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BSTREC_", extra="forbid", frozen=True)
+
+    bundle: Path = Field(description="Bundle directory served at start and by a plain reload")
+    # the online feature store
+    store: Literal["embedded", "redis"] = "embedded"
+    store_path: str = "artifacts/feature_store.sqlite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "bstrec"
+    max_events: int = Field(50, ge=1, description="Behaviours kept per user")
+    store_retry_s: float = Field(1.0, gt=0, description="Seconds between retries of a down store")
+    # seeding at start: the bundle's item table, and optionally a samples dir's event log
+    seed_items: bool = True
+    seed_events: Path | None = None
+    # write and admin endpoints (POST /events, POST /admin/reload) need this key
+    api_key: SecretStr | None = None
+    # limits
+    k_default: int = Field(10, ge=1)
+    k_max: int = Field(100, ge=1)
+    max_batch_events: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1_024)
+    # threads per request for ONNX Runtime and torch (the two-tower user tower)
+    ort_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1)
+    verify_bundle: bool = True  # check every file's sha256 at load
+    # the web page mounted at / (API routes take precedence); None: no page
+    static_dir: Path | None = WEB_DIR
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65_535)
+
+    @model_validator(mode="after")
+    def _k_in_range(self) -> Settings:
+        if self.k_default > self.k_max:
+            raise ValueError(f"k_default {self.k_default} is over k_max {self.k_max}")
+        return self
+
+    def store_config(self) -> StoreConfig:
+        return StoreConfig(backend=self.store, path=self.store_path, url=self.redis_url,
+                           prefix=self.redis_prefix, max_events=self.max_events)

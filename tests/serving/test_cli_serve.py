@@ -1,0 +1,54 @@
+"""`bstrec serve` as a user runs it: a subprocess serving a bundle on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from typer.testing import CliRunner
+
+from bstrec.cli import app
+from bstrec.serving.server import free_port
+from tests.serving.conftest import Artifacts
+
+
+def test_serve_starts_from_a_bundle_and_answers(artifacts: Artifacts, tmp_path: Path) -> None:
+    port = free_port()
+    exe = Path(sys.executable).parent / "bstrec"
+    env = os.environ | {"BSTREC_API_KEY": "cli-key"}
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--bundle", str(artifacts.bundle), "--port", str(port),
+         "--store-path", str(tmp_path / "store.sqlite"), "--seed-events", str(artifacts.samples)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "bstrec serve did not become ready"
+            time.sleep(0.2)
+        rec = httpx.get(f"{url}/recommend", params={"user_id": 3, "k": 3}, timeout=30).json()
+        assert rec["model_version"] == "A" and len(rec["items"]) == 3 and rec["known_user"]
+        r = httpx.post(f"{url}/events", json={"user_id": 3, "item_id": 5},
+                       headers={"X-API-Key": "cli-key"}, timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out
+
+
+def test_serve_refuses_a_broken_bundle(artifacts: Artifacts) -> None:
+    res = CliRunner().invoke(app, ["serve", "--bundle", str(artifacts.broken)],
+                             env={"BSTREC_API_KEY": "k"})
+    assert res.exit_code == 2 and "ranker.onnx is corrupted" in res.output.replace("\n", "")

@@ -1,0 +1,218 @@
+"""The HTTP service against a real uvicorn server on a loopback port: validation and auth, hot
+reload under traffic, Redis down and back."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bstrec.serving.settings import Settings
+from tests.serving.conftest import Artifacts, RedisServer, running
+
+KEY = "test-key"
+AUTH = {"X-API-Key": KEY}
+
+
+def settings_for(artifacts: Artifacts, tmp_path: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "bundle": artifacts.bundle, "store_path": str(tmp_path / "store.sqlite"),
+        "seed_events": artifacts.samples, "api_key": KEY, "max_batch_events": 5,
+        "max_body_bytes": 2048, "store_retry_s": 0.2, "k_max": 50}
+    return Settings(**(base | overrides))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def client(artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[httpx.Client]:
+    with running(settings_for(artifacts, tmp_path_factory.mktemp("api"))) as (_, c):
+        yield c
+
+
+def test_openapi_schema_is_published(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/recommend", "/events", "/items/{item_id}/similar", "/healthz", "/readyz",
+            "/metrics", "/admin/reload"} <= set(paths)
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_recommend_known_and_unknown_users(client: httpx.Client) -> None:
+    r = client.get("/recommend", params={"user_id": 3, "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == "A" and len(body["items"]) == 5 and body["path"] == "regular"
+    assert all(i["sources"] and i["model_version"] == "A" for i in body["items"])
+    assert set(body["timings_ms"]) >= {"retrieve", "prerank", "rank", "rules"}
+    cold = client.get("/recommend", params={"user_id": 987654321}).json()
+    assert cold["path"] == "cold" and not cold["known_user"] and len(cold["items"]) == 10
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"user_id": 3, "k": 0}, "greater than or equal to 1"),
+    ({"user_id": 3, "k": 51}, "less than or equal to 50"),
+    ({"user_id": 3, "k": "ten"}, "valid integer"),
+    ({"k": 5}, "Field required"),
+    ({"user_id": "abc"}, "user_id must be an integer"),
+])
+def test_recommend_rejects_bad_queries(client: httpx.Client, params: dict[str, object],
+                                       message: str) -> None:
+    r = client.get("/recommend", params=params)  # type: ignore[arg-type]
+    assert r.status_code == 422 and message in r.text
+
+
+def test_events_need_the_api_key(client: httpx.Client) -> None:
+    event = {"user_id": 3, "item_id": 5}
+    r = client.post("/events", json=event)
+    assert r.status_code == 401 and "missing API key" in r.text
+    assert client.post("/events", json=event, headers={"X-API-Key": "wrong"}).status_code == 403
+    assert client.post("/admin/reload", json={}).status_code == 401
+
+
+def test_events_one_or_a_batch_then_visible(client: httpx.Client) -> None:
+    user = 55_555
+    r = client.post("/events", json={"user_id": user, "item_id": 5, "timestamp": 1_700_000_000},
+                    headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"received": 1, "stored": 1, "ignored": 0}
+    batch = {"events": [{"user_id": str(user), "item_id": i, "event_id": f"e{i}"}
+                        for i in (6, 7)]}
+    assert client.post("/events", json=batch, headers=AUTH).json()["stored"] == 2
+    rec = client.get("/recommend", params={"user_id": user}).json()
+    assert rec["known_user"] and rec["history_length"] == 3
+    assert not {5, 6, 7} & {i["item_id"] for i in rec["items"]}
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"user_id": 3, "item_id": 123_456_789}, 422, "unknown item(s) [123456789]"),
+    ({"user_id": 3}, 422, "Field required"),
+    ({"user_id": 3, "item_id": 5, "timestamp": "yesterday"}, 422, "valid integer"),
+    ({"user_id": 3, "item_id": 5, "colour": "red"}, 422, "Extra inputs are not permitted"),
+    ({"events": []}, 422, "at least 1 item"),
+    ({"events": [{"user_id": 3, "item_id": 5}] * 6}, 413, "over the limit of 5"),
+    ({"events": [{"user_id": 3, "item_id": 5, "event_id": "x" * 3000}]}, 413, "over the limit"),
+])
+def test_events_reject_bad_bodies(client: httpx.Client, body: object, status: int,
+                                  message: str) -> None:
+    r = client.post("/events", json=body, headers=AUTH)
+    assert r.status_code == status and message in r.text, r.text
+
+
+def test_malformed_json_is_a_422(client: httpx.Client) -> None:
+    r = client.post("/events", content=b'{"user_id": 3,', headers=AUTH | {
+        "content-type": "application/json"})
+    assert r.status_code == 422 and "json" in r.text.lower()
+
+
+def test_similar_items_and_unknown_item(client: httpx.Client) -> None:
+    r = client.get("/items/5/similar", params={"k": 3})
+    assert r.status_code == 200 and len(r.json()["items"]) == 3
+    r = client.get("/items/123456789/similar")
+    assert r.status_code == 404 and "unknown item 123456789" in r.text
+
+
+def test_metrics_count_requests_stages_and_sources(client: httpx.Client) -> None:
+    client.get("/recommend", params={"user_id": 3})
+    text = client.get("/metrics").text
+    assert 'bstrec_requests_total{method="GET",route="/recommend",status="200"}' in text
+    for stage in ("retrieve", "prerank", "rank", "rules"):
+        assert f'bstrec_stage_seconds_count{{stage="{stage}"}}' in text
+    for source in ("two_tower", "item_cf", "popular"):
+        assert f'bstrec_candidates_count{{source="{source}"}}' in text
+    assert 'bstrec_bundle_info{version="A"} 1.0' in text
+
+
+def test_hot_reload_under_traffic_fails_no_request(artifacts: Artifacts, tmp_path: Path) -> None:
+    statuses: list[int] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def traffic(url: str, user: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.get("/recommend", params={"user_id": user, "k": 5})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    versions.append(r.json()["model_version"])
+
+    def wait_for(version: str) -> None:
+        deadline = time.monotonic() + 20
+        n = len(versions)
+        while not versions[n:] or versions[-1] != version:
+            assert time.monotonic() < deadline, f"never served {version}"
+            time.sleep(0.02)
+
+    with running(settings_for(artifacts, tmp_path)) as (url, admin):
+        threads = [threading.Thread(target=traffic, args=(url, u)) for u in (3, 4, 999_999)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for("A")
+            r = admin.post("/admin/reload", json={"bundle": str(artifacts.bundle_b)}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["previous_version"] == "A", r.text
+            wait_for("B")
+            r = admin.post("/admin/reload", json={"bundle": str(artifacts.broken)}, headers=AUTH)
+            assert r.status_code == 409 and "still serving B" in r.text
+            assert "ranker.onnx is corrupted" in r.json()["detail"]
+            wait_for("B")
+            r = admin.post("/admin/reload", headers=AUTH)  # the configured bundle: A again
+            assert r.status_code == 200 and r.json()["model_version"] == "A"
+            wait_for("A")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        metrics = admin.get("/metrics").text
+    assert len(statuses) > 20 and set(statuses) == {200}
+    assert set(versions) == {"A", "B"}
+    assert 'bstrec_reloads_total{outcome="ok"} 2.0' in metrics
+    assert 'bstrec_reloads_total{outcome="refused"} 1.0' in metrics
+
+
+def test_redis_down_degrades_then_recovers(artifacts: Artifacts, tmp_path: Path,
+                                           redis_server: RedisServer) -> None:
+    settings = settings_for(artifacts, tmp_path, store="redis", redis_url=redis_server.url,
+                            redis_prefix=f"t{uuid.uuid4().hex[:8]}")
+    with running(settings) as (_, c):
+        up = c.get("/recommend", params={"user_id": 3}).json()
+        assert not up["degraded"] and up["history_length"] > 0
+        assert c.get("/readyz").json()["store"]["ok"]
+
+        redis_server.stop()
+        started = time.perf_counter()
+        down = c.get("/recommend", params={"user_id": 3})
+        assert down.status_code == 200 and time.perf_counter() - started < 5
+        body = down.json()
+        assert body["degraded"] and body["path"] == "cold" and len(body["items"]) == 10
+        assert "feature store unavailable" in body["degraded_reasons"][0]
+        ready = c.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["degraded"] and not ready.json()["store"]["ok"]
+        assert ready.json()["store"]["error"]
+        r = c.post("/events", json={"user_id": 3, "item_id": 5}, headers=AUTH)
+        assert r.status_code == 503 and "retry later" in r.text and "retry-after" in r.headers
+        assert "bstrec_store_up 0.0" in c.get("/metrics").text
+
+        redis_server.start()  # same port, empty (no persistence)
+        deadline = time.monotonic() + 10
+        while c.get("/recommend", params={"user_id": 3}).json()["degraded"]:
+            assert time.monotonic() < deadline, "did not recover after Redis came back"
+            time.sleep(0.1)
+        assert not c.get("/readyz").json()["degraded"]
+        r = c.post("/events", json={"user_id": 3, "item_id": 5}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["stored"] == 1
+        assert c.get("/recommend", params={"user_id": 3}).json()["history_length"] == 1
+
+
+def test_a_static_page_mounts_at_root_without_hiding_the_api(artifacts: Artifacts,
+                                                              tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<h1>bstrec demo</h1>")
+    with running(settings_for(artifacts, tmp_path, static_dir=site)) as (_, c):
+        assert "bstrec demo" in c.get("/").text
+        assert c.get("/recommend", params={"user_id": 3}).status_code == 200
+        assert c.get("/healthz").json() == {"status": "ok"}

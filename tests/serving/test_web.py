@@ -1,0 +1,67 @@
+"""The web page end to end in headless Chromium (Debian's chromium driven by Playwright): pick a
+user, see their history and recommendations with sources, click a recommendation, and see the
+click in the history and the recommendations update. The screenshot is kept in artifacts/test/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.serving.conftest import Artifacts, running
+from tests.serving.test_service import KEY, settings_for
+
+SCREENSHOTS = REPO / "artifacts" / "test"
+
+
+def chromium() -> str:
+    """Debian's chromium, or skip (fail in CI, whose .ci/run installs it)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        msg = "chromium not found on PATH: install it (Debian: apt-get install chromium)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg + "; CI must have it (.ci/run installs it)")
+        pytest.skip(msg)
+    return found
+
+
+def test_page_shows_recommendations_and_a_click_updates_them(artifacts: Artifacts,
+                                                              tmp_path: Path) -> None:
+    browser_path = chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'")
+    with running(settings_for(artifacts, tmp_path)) as (url, client), \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path,
+                                    args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(f"{url}/?user=3")
+        page.fill("#key", KEY)
+        page.wait_for_selector("#recs li.item")
+        history_before = client.get("/users/3/history", params={"n": 200}).json()["behaviours"]
+        shown = page.locator("#history li").count()
+        assert shown == min(20, len(history_before)) > 0
+        first = page.locator("#recs li.item").first
+        clicked = first.get_attribute("data-item")
+        assert clicked is not None
+        assert first.locator(".src").count() >= 1  # each recommendation names its source(s)
+        sources = first.locator(".src").all_text_contents()
+        assert set(sources) <= {"two_tower", "item_cf", "popular", "category", "cold_start"}
+
+        first.click()
+        # the click lands in the store and the page shows it as the newest behaviour
+        page.wait_for_function(
+            "item => document.querySelector('#history li span').textContent === item", arg=clicked)
+        after = client.get("/users/3/history", params={"n": 1}).json()["behaviours"]
+        assert str(after[0]["item_id"]) == clicked
+        # ... and the recommendations no longer offer what was just clicked (seen filter)
+        page.wait_for_function(
+            "item => ![...document.querySelectorAll('#recs li.item')]"
+            ".some(li => li.dataset.item === item)", arg=clicked)
+        assert "error" not in (page.text_content("#status") or "")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "web_page.png"), full_page=True)
+        browser.close()
+    assert (SCREENSHOTS / "web_page.png").stat().st_size > 5_000
