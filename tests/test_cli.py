@@ -83,6 +83,11 @@ def test_quickstart_without_data_dir_falls_back_to_synthetic(
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
     assert manifest["protocol"] == "synthetic-order"
     assert f"{manifest['splits']['train']:,}" in report
+    # trained, evaluated on test (with the references), served: one recommendation came back
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["n_test"] == manifest["splits"]["test"] and "bst" in metrics["models"]
+    assert "## Evaluation (test split)" in report and "reference: rate_lr" in report
+    assert "## Serving" in report and ("item_cf" in report or "popular" in report)
     assert str((out / "report.md").resolve()) in res.output.replace("\n", "")
 
 
