@@ -132,7 +132,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"stopping on valid AUC (patience {tc['patience']}); the best valid epoch is scored once "
         "on test. Cells are mean ± std over the seeds. Throughput: training samples/s on identical "
         f"batches, models interleaved, median of {res['throughput_rounds']} rounds "
-        "(single process, all cores). Full report with plots: "
+        "(single process, all cores; 1-minute load average "
+        f"{' -> '.join(str(x) for x in res['throughput_load_average'])} on {m['cores']} cores "
+        "during the measurement). Full report with plots: "
         f"`{res['report']}` (not committed; rerun the command).",
         "",
         "| model | seeds | test AUC | test GAUC | test logloss | RelaImpr vs WDL | train samples/s |",
@@ -189,8 +191,10 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
             runs.setdefault(name, []).append(run_dir)
     report = evaluate_runs(samples, runs, root / "report", builder=build_peer)
     summary = json.loads((report.parent / "metrics.json").read_text())
+    load_before = os.getloadavg()[0]
     tput = throughput(samples, list(runs), args.batch_size, args.throughput_steps,
                       args.throughput_rounds)
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     models: dict[str, Any] = {}
     for name, row in summary["models"].items():
         models[name] = {
@@ -216,6 +220,9 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
         "train_samples_per_s": rates,
         "throughput": tput, "throughput_steps": args.throughput_steps,
         "throughput_rounds": args.throughput_rounds,
+        # 1-minute load average before and after the throughput phase: above the core count,
+        # other work shared the machine and absolute rates are low (ratios less affected)
+        "throughput_load_average": load,
         "report": str(report),
         "notes": [],
     }

@@ -233,8 +233,6 @@ ABLATIONS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("+16 uniform negatives", {"negatives": "uniform"}, {}),
     ("+16 popularity negatives", {"negatives": "popularity"}, {}),
     ("+16 hard negatives (from epoch 2)", {"negatives": "hard"}, {}),
-    ("temperature 0.2", {"temperature": 0.2}, {}),
-    ("positives: label-1 ratings only", {"positives": "label"}, {}),
     ("transformer encoder", {}, {"encoder": "transformer"}),
 ]
 
@@ -289,8 +287,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "item-to-item co-occurrence are fitted on the train split; the two-tower is trained on "
         "it with in-batch sampled softmax (logQ correction, temperature "
         f"{r0['config']['two_tower_train']['temperature']}), epoch chosen on valid Recall@50. "
-        "Merged = quotas two_tower 300 / item_cf 150 / popular 50, deduplicated, in merged "
-        "order; funnel = the merged top "
+        "Merged = quotas " + " / ".join(f"{n} {q}" for n, q in r0["config"]["candidates"]["quotas"])
+        + ", deduplicated, seen items removed, users with no or one-two behaviours on the "
+        "cold-start paths, in merged order; funnel = the merged top "
         f"{r0['config']['rerank_depth']} after pre-rank, ranked with BST (one epoch of "
         "`train_ranker`), then the rest in pre-rank order.",
         "",

@@ -256,3 +256,25 @@ def test_encoding_cache_never_changes_rows_and_follows_store_updates(
     assert new["item_brand"].to_list() == [OOV] and new["user_segment"].to_list() == [OOV]
     assert new.equals(plain.rows_from_store(store, "u01", ["i05"], 1_800_000_000))
     store.close()
+
+
+def test_candidate_batch_from_the_query_row_equals_the_full_rows(
+        fixture_samples: tuple[Dataset, SampleSet]) -> None:
+    ds, samples = fixture_samples
+    from bstrec.features.store_embedded import EmbeddedStore
+
+    store = EmbeddedStore(":memory:", max_events=5)
+    store.load_dataset(ds)
+    online = OnlineFeatures(samples.vocabs, samples.spec)
+    cands = ["i01", "i05", "i39", "nope", "i11", "i05", "i07"]
+    for user in ["u01", "u02", "u24", "ghost"]:
+        snap = store.snapshot(user)
+        items = store.items(online.item_ids_needed(snap, cands))
+        query = online.tensors(online.rows(snap, items, ["i02"], 1_800_000_000))
+        for subset in (cands, cands[:1], cands[2:4], []):
+            want = online.tensors(online.rows(snap, items, subset, 1_800_000_000))
+            got = online.candidate_batch(query, items, subset)
+            assert got.keys() == want.keys()
+            for name, t in want.items():
+                assert got[name].dtype == t.dtype and torch.equal(got[name], t), (user, name)
+    store.close()

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from bstrec.data.build import build
-from bstrec.data.samples import SampleSet
+from bstrec.data.loaders import load_dataset
+from bstrec.data.samples import build_samples
 from bstrec.retrieval.catalog import Catalog, QuerySet
 from tests.conftest import require
 
 
 @pytest.mark.shared_data
-def test_ml1m_retrieval_queries_match_the_protocol(tmp_path: Path) -> None:
+def test_ml1m_retrieval_queries_match_the_protocol() -> None:
     folder = require("ml-1m", "movies.dat", "users.dat", "ratings*.dat*")
-    samples: SampleSet = build("ml-1m", tmp_path / "s", data_dir=folder.parent)
+    samples = build_samples(load_dataset("ml-1m", folder.parent))
     catalog = Catalog.from_samples(samples)
     q = QuerySet.from_samples(samples, "test")
     assert len(q) == 26_431

@@ -10,17 +10,21 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from bstrec.cli import app
-from bstrec.serving.server import free_port
+from bstrec.serving.server import free_port, settings_json
+from bstrec.serving.settings import Settings
 from tests.serving.conftest import Artifacts
 
 
-def test_serve_starts_from_a_bundle_and_answers(artifacts: Artifacts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_starts_from_a_bundle_and_answers(artifacts: Artifacts, tmp_path: Path,
+                                                workers: int) -> None:
     port = free_port()
     exe = Path(sys.executable).parent / "bstrec"
-    env = os.environ | {"BSTREC_API_KEY": "cli-key"}
+    env = os.environ | {"BSTREC_API_KEY": "cli-key", "BSTREC_WORKERS": str(workers)}
     proc = subprocess.Popen(
         [str(exe), "serve", "--bundle", str(artifacts.bundle), "--port", str(port),
          "--store-path", str(tmp_path / "store.sqlite"), "--seed-events", str(artifacts.samples)],
@@ -52,3 +56,11 @@ def test_serve_refuses_a_broken_bundle(artifacts: Artifacts) -> None:
     res = CliRunner().invoke(app, ["serve", "--bundle", str(artifacts.broken)],
                              env={"BSTREC_API_KEY": "k"})
     assert res.exit_code == 2 and "ranker.onnx is corrupted" in res.output.replace("\n", "")
+
+
+def test_worker_settings_round_trip_with_the_api_key(tmp_path: Path) -> None:
+    settings = Settings(bundle=tmp_path, api_key="s3cret", workers=2, seed_events=None,
+                        k_max=50, static_dir=None)
+    back = Settings.model_validate_json(settings_json(settings))
+    assert back == settings and back.api_key is not None
+    assert back.api_key.get_secret_value() == "s3cret"

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 from bstrec.data.samples import (
     assemble_rows,
@@ -34,10 +35,10 @@ from bstrec.data.samples import (
     list_series,
     sort_events,
 )
-from bstrec.features.spec import FeatureSpec
+from bstrec.features.spec import OOV, FeatureSpec
 from bstrec.features.store import Features, FeatureStore, ItemId, UserId, UserSnapshot, check_id
 from bstrec.features.vocab import Vocabularies
-from bstrec.training.tensors import Batch, to_tensors
+from bstrec.training.tensors import Batch, pad_lists, to_tensors
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,43 @@ class OnlineFeatures:
         batch = to_tensors(rows.with_columns(pl.lit(0.0, dtype=pl.Float32).alias("label")),
                            self.spec)
         del batch["label"]
+        return batch
+
+    def candidate_batch(self, query: Batch, items: Mapping[ItemId, Features],
+                        candidates: Sequence[ItemId]) -> Batch:
+        """``tensors(rows(snapshot, items, candidates, ts))`` from the request's query row.
+
+        ``query``: ``tensors(rows(snapshot, items, [any item], ts))``, one row, for the same
+        snapshot and time. Every user, context and history column of a request is the same for
+        all its candidates (see ``rows``), so they are taken from the query row and repeated;
+        only the target-item columns are encoded per candidate, by the same encoder and join as
+        ``rows`` (an item missing from ``items`` is out of vocabulary). Equal to the full path
+        (tests/features/test_online.py), without its per-row history and profile work.
+        """
+        for c in candidates:
+            check_id(c, "candidate item_id")
+        n = len(candidates)
+        item_dtype = _dtype(list(candidates))
+        enc = self._encoded_items([i for i in dict.fromkeys(candidates) if i in items], items,
+                                  item_dtype)
+        item_feats = [f for f in self.spec.features if f.group == "item"]
+        # rows' join and null filling, on the item columns alone
+        frame = pl.DataFrame({"item_id": pl.Series(list(candidates), dtype=item_dtype)}).join(
+            enc, on="item_id", how="left", maintain_order="left").with_columns(
+            *[pl.col(f.name).fill_null(OOV if f.kind == "categorical" else [])
+              for f in item_feats])
+        batch: Batch = {}
+        for f in item_feats:
+            if f.kind == "categorical":
+                batch[f.name] = torch.from_numpy(frame[f.name].to_numpy().astype(np.int64))
+            else:  # multi-hot: the width to_tensors gives, the longest list of the batch
+                longest = frame[f.name].list.len().max() if n else None
+                width = max(1, int(longest or 1))  # type: ignore[arg-type]
+                batch[f.name] = torch.from_numpy(pad_lists(frame[f.name], width,
+                                                           right_align=False))
+        for name, t in query.items():
+            if name not in batch:
+                batch[name] = t[:1].expand(n, *t.shape[1:]).contiguous()
         return batch
 
     def rows_from_store(self, store: FeatureStore, user_id: UserId, candidates: Sequence[ItemId],

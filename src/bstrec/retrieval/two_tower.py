@@ -7,9 +7,11 @@ User tower:
 1. each behaviour is a token: item-id + category + time-difference bucket embeddings, summed
    (the same buckets as BST's positions: features/timebuckets.py); a learned summary token is
    appended after the most recent behaviour, so a user with no history still has one token;
-2. ``encoder="transformer"``: Transformer blocks over the L+1 tokens (padding masked), then the
-   summary token's output and the mean of the behaviours' outputs; ``"mean"``: the mean of the
-   behaviour tokens and the most recent one;
+2. ``encoder="mean"`` (default): the mean of the behaviour tokens and the most recent one (the
+   order enters through the time buckets and the recency slot); ``"transformer"``: Transformer
+   blocks over the L+1 tokens (padding masked), then the summary token's output and the mean of
+   the behaviours' outputs, about five times slower to train on CPU and no better on ML-100K
+   (BENCHMARKS.md, two-tower variants);
 3. concatenated with the profile embeddings (gender, age, ... and optionally the user id and the
    request context), an MLP -> (B, D), L2-normalised.
 

@@ -265,7 +265,9 @@ class Pipeline:
             items.update(self._items(missing, reasons, use_store))
         scores = np.zeros(0, dtype=np.float32)
         if cands:
-            batch = self.features.tensors(self.features.rows(snapshot, items, cands, ts))
+            # the query row already holds the user's history, profile and context: only the
+            # candidates' item columns are encoded here (equal to rows() for them, tested)
+            batch = self.features.candidate_batch(row, items, cands)
             watch.lap("rank_features")
             scores = self.bundle.ranker.score(batch)
         else:

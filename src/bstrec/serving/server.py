@@ -3,6 +3,8 @@ uvicorn server in a thread, on a loopback port: the quickstart and the service t
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
 import time
@@ -21,16 +23,53 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+# Where ``serve`` hands the settings to its worker processes (no BSTREC_ prefix: not a setting)
+WORKER_SETTINGS_ENV = "_BSTREC_WORKER_SETTINGS"
+
+
 def serve(settings: Settings, *, log_level: str = "info") -> None:
-    """Load the bundle, open and seed the store, serve until interrupted."""
+    """Load the bundle, open and seed the store, serve until interrupted; with
+    ``settings.workers`` > 1, in that many uvicorn worker processes."""
+    import torch
+
+    from bstrec.serving.app import Service, create_app
+
+    torch.set_num_threads(settings.torch_threads)
+    if settings.workers == 1:
+        app = create_app(settings)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                    access_log=False)
+        return
+    # Several processes: uvicorn imports the app factory in each worker, so the settings travel
+    # in the environment; the store is seeded once, here, rather than by every worker at once.
+    service = Service(settings)
+    try:
+        service.seed()
+    finally:
+        service.close()
+    os.environ[WORKER_SETTINGS_ENV] = settings_json(
+        settings.model_copy(update={"seed_items": False, "seed_events": None}))
+    uvicorn.run("bstrec.serving.server:worker_app", factory=True, workers=settings.workers,
+                host=settings.host, port=settings.port, log_level=log_level, access_log=False)
+
+
+def settings_json(settings: Settings) -> str:
+    """``settings`` as JSON, the API key included (pydantic masks secrets when it dumps)."""
+    data = settings.model_dump(mode="json")
+    data["api_key"] = None if settings.api_key is None else settings.api_key.get_secret_value()
+    return json.dumps(data)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``serve`` (uvicorn calls it in each worker)."""
     import torch
 
     from bstrec.serving.app import create_app
 
+    # model_validate_json reads these values only, not the environment's BSTREC_* variables
+    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
     torch.set_num_threads(settings.torch_threads)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                access_log=False)
+    return create_app(settings)
 
 
 class BackgroundServer:

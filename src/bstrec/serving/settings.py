@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     # threads per request for ONNX Runtime and torch (the two-tower user tower)
     ort_threads: int = Field(1, ge=1)
     torch_threads: int = Field(1, ge=1)
+    # uvicorn worker processes, each with its own bundle and the shared store: the pipeline's
+    # Python parts hold the GIL, so one process uses about one core whatever the thread count.
+    # With several, POST /admin/reload and GET /metrics reach only the worker that takes the
+    # request: roll a new bundle out by restarting the service.
+    workers: int = Field(1, ge=1)
     verify_bundle: bool = True  # check every file's sha256 at load
     # the web page mounted at / (API routes take precedence); None: no page
     static_dir: Path | None = WEB_DIR
