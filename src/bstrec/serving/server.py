@@ -4,6 +4,7 @@ uvicorn server in a thread, on a loopback port: the quickstart and the service t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -12,6 +13,7 @@ from types import TracebackType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.supervisors import Multiprocess
 
 from bstrec.serving.settings import Settings
 
@@ -49,8 +51,25 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         service.close()
     os.environ[WORKER_SETTINGS_ENV] = settings_json(
         settings.model_copy(update={"seed_items": False, "seed_events": None}))
-    uvicorn.run("bstrec.serving.server:worker_app", factory=True, workers=settings.workers,
-                host=settings.host, port=settings.port, log_level=log_level, access_log=False)
+    config = uvicorn.Config("bstrec.serving.server:worker_app", factory=True,
+                            workers=settings.workers, host=settings.host, port=settings.port,
+                            log_level=log_level, access_log=False)
+    # Our own listening socket, not uvicorn's (Config.bind_socket): that one has protocol 0,
+    # which the workers' connections inherit, and asyncio sets TCP_NODELAY only on IPPROTO_TCP
+    # sockets; every response then waited for Nagle and a delayed ACK (about 40 ms a request
+    # on loopback, measured with benchmarks/bench_serving.py).
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+        sock.set_inheritable(True)
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on http://%s:%d with %d workers", settings.host,
+            sock.getsockname()[1], settings.workers)
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()
 
 
 def settings_json(settings: Settings) -> str:
