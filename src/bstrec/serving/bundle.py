@@ -39,7 +39,7 @@ import polars as pl
 
 import bstrec
 from bstrec.config import ConfigError, from_dict
-from bstrec.data.io import atomic_dir
+from bstrec.data.io import atomic_dir, read_described_dir, sha256_file
 from bstrec.data.samples import SampleSet
 from bstrec.data.schema import Dataset
 from bstrec.features.spec import FeatureSpec
@@ -192,7 +192,7 @@ def build_bundle(
             np.save(tmp / ITEM_VECTORS, vectors)
             ids = catalog.candidates
             build_index(ids, vectors[ids], index_config).save(tmp / INDEX)
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*"))
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file()}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:10]
         manifest = {
@@ -224,33 +224,12 @@ def build_bundle(
 def read_manifest(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of the bundle at ``path``, after checking its format and file hashes."""
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError(f"{root} is not a bundle directory (it does not exist)")
-    mpath = root / MANIFEST
-    if not mpath.exists():
-        raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath} is corrupted: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{mpath} is corrupted: expected a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{root}: bundle format {manifest.get('format_version')!r} is not "
-                          f"supported (this bstrec reads {FORMAT_VERSION})")
-    for key in ("version", "files", "id_types", "pipeline"):
-        if key not in manifest:
-            raise BundleError(f"{mpath} is corrupted: no {key!r}")
+    manifest = read_described_dir(root, MANIFEST, what="bundle", format_version=FORMAT_VERSION,
+                                  required=("version", "files", "id_types", "pipeline"),
+                                  hashes_key="files", verify=verify, error=BundleError)
     for name in (RANKER, SPEC, VOCAB, CATALOG, ITEMS):
         if name not in manifest["files"]:
             raise BundleError(f"{root} is incomplete: {MANIFEST} lists no {name}")
-    if verify:
-        for name, digest in manifest["files"].items():
-            file = root / name
-            if not file.is_file():
-                raise BundleError(f"{root} is incomplete: {name} is missing")
-            if _sha256(file) != digest:
-                raise BundleError(f"{file} is corrupted: its sha256 does not match {MANIFEST}")
     return manifest
 
 
@@ -324,11 +303,3 @@ def _item_table(frame: pl.DataFrame) -> dict[ItemId, Features]:
     """Raw item rows as {item id: features} with the feature store's JSON values."""
     cols = [c for c in frame.columns if c != "item_id"]
     return {row["item_id"]: {c: row[c] for c in cols} for row in frame.iter_rows(named=True)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -21,7 +21,6 @@ untrusted source cannot run code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 import bstrec
-from bstrec.data.io import atomic_dir
+from bstrec.data.io import atomic_dir, read_described_dir, sha256_file
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.vocab import Vocabularies
 
@@ -127,7 +126,7 @@ def save_checkpoint(
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "bstrec_version": bstrec.__version__,
-            "sha256": {name: _sha256(tmp / name) for name in files},
+            "sha256": {name: sha256_file(tmp / name) for name in files},
         }
         try:
             text = json.dumps(meta, indent=2, allow_nan=True)
@@ -139,34 +138,9 @@ def save_checkpoint(
 
 def read_meta(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """checkpoint.json of the checkpoint at ``path``, after checking format and file hashes."""
-    root = Path(path)
-    meta_path = root / META
-    if not root.is_dir():
-        raise CheckpointError(f"{root} is not a checkpoint directory (it does not exist)")
-    if not meta_path.exists():
-        raise CheckpointError(f"{root} is not a checkpoint: {META} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path} is corrupted: {exc}") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path} is corrupted: expected a JSON object")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{root}: checkpoint format version {version!r} is not supported "
-                              f"(this bstrec reads version {FORMAT_VERSION})")
-    for key in ("model_name", "model_config", "sha256"):
-        if key not in meta:
-            raise CheckpointError(f"{meta_path} is corrupted: no {key!r}")
-    if verify:
-        for name, digest in meta["sha256"].items():
-            file = root / name
-            if not file.exists():
-                raise CheckpointError(f"{root} is incomplete: {name} is missing")
-            if _sha256(file) != digest:
-                raise CheckpointError(f"{file} is corrupted: its sha256 does not match "
-                                      f"the one recorded in {META}")
-    return meta
+    return read_described_dir(Path(path), META, what="checkpoint", format_version=FORMAT_VERSION,
+                              required=("model_name", "model_config", "sha256"),
+                              hashes_key="sha256", verify=verify, error=CheckpointError)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -301,9 +275,3 @@ def _read_optimizer_tensors(root: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
