@@ -1,4 +1,4 @@
-"""The ``bstrec`` command line: data, train, evaluate, quickstart (later: index, serve)."""
+"""The ``bstrec`` command line: data, train, evaluate, index, similar, bundle, serve, quickstart."""
 
 from __future__ import annotations
 
