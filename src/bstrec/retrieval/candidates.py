@@ -33,6 +33,7 @@ from bstrec.retrieval.topk import drop_excluded, top_k
 from bstrec.retrieval.two_tower import TwoTower
 
 I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
 SOURCES = ("two_tower", "item_cf", "popular", "category")
 
 
@@ -70,11 +71,16 @@ class CandidateGenerator:
         self.config = config or CandidateConfig()
 
     # -- sources ---------------------------------------------------------------------------
-    def _two_tower(self, batch: dict[str, Tensor], seen: Tensor, k: int) -> I64:
-        assert self.model is not None and self.index is not None
+    def user_vectors(self, batch: dict[str, Tensor]) -> F32:
+        """(q, D) two-tower user vectors of a batch (the model must be present)."""
+        assert self.model is not None
         with torch.no_grad():
             self.model.eval()
-            u = self.model.encode_users(batch).numpy()
+            u: F32 = self.model.encode_users(batch).numpy()
+        return u
+
+    def _two_tower(self, u: F32, seen: Tensor, k: int) -> I64:
+        assert self.index is not None
         # ask for enough extra results that k remain once the seen ones are dropped
         extra = int(seen.sum(1).max()) if len(seen) else 0
         scores, ids = self.index.search(u, min(k + extra, max(len(self.index), 1)))
@@ -85,15 +91,17 @@ class CandidateGenerator:
         s = scores.masked_fill(scores <= 0, -torch.inf)
         return top_k(s, k, seen)[1].numpy()
 
-    def source_lists(self, queries: QuerySet, rows: I64, k: int | None = None
-                     ) -> dict[str, I64]:
-        """Each available source's top k (default ``source_k``) for ``rows``: (q, k), -1 = none."""
+    def source_lists(self, queries: QuerySet, rows: I64, k: int | None = None, *,
+                     user_vectors: F32 | None = None) -> dict[str, I64]:
+        """Each available source's top k (default ``source_k``) for ``rows``: (q, k), -1 = none.
+        ``user_vectors``: the rows' two-tower vectors when the caller has them already."""
         k = k or self.config.source_k
         batch = queries.data.batch(torch.from_numpy(rows))
         seen = queries.seen_mask(rows, self.catalog.size)
         out: dict[str, I64] = {}
         if self.model is not None and self.index is not None:
-            out["two_tower"] = self._two_tower(batch, seen, k)
+            u = self.user_vectors(batch) if user_vectors is None else user_vectors
+            out["two_tower"] = self._two_tower(u, seen, k)
         if self.item_cf is not None:
             out["item_cf"] = self._dense(self.item_cf.scores(batch["hist_item"],
                                                              batch["hist_mask"]), seen, k)

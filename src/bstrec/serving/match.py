@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from bstrec.retrieval.candidates import CandidateGenerator
 from bstrec.retrieval.catalog import QuerySet
@@ -36,10 +35,11 @@ class Matched:
     sources: list[tuple[str, ...]]
     path: str
     per_source: dict[str, int]
+    user_vector: F32 | None  # (D,) two-tower vector, computed once for match and pre-rank
 
 
 class OnlineMatcher:
-    """``match(row, seen) -> Matched`` and ``prerank(row, ids) -> scores`` for one request."""
+    """``match(row, seen) -> Matched`` and ``prerank(matched) -> scores`` for one request."""
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -55,24 +55,22 @@ class OnlineMatcher:
                            seen_offsets=np.array([0, len(seen)], dtype=np.int64),
                            seen_items=np.asarray(seen, dtype=np.int64))
         rows = np.zeros(1, dtype=np.int64)
-        lists = self.generator.source_lists(queries, rows)
+        u = self.generator.user_vectors(row) if self.bundle.two_tower is not None else None
+        lists = self.generator.source_lists(queries, rows, user_vectors=u)
         merged = self.generator.merge_rows(queries, rows, lists)
         keep = np.flatnonzero(merged.ids[0] >= 0)
         sources = [tuple(merged.source_names(0, int(c))) for c in keep]
         per_source = {n: int(merged.from_source(n)[0, keep].sum()) for n in merged.names}
         path = PATHS.get(int(route(row["hist_mask"], self.generator.config.cold)[0]), "regular")
         return Matched(merged.ids[0, keep], sources, path,
-                       {n: c for n, c in per_source.items() if c})
+                       {n: c for n, c in per_source.items() if c}, None if u is None else u[0])
 
-    @torch.no_grad()
-    def prerank(self, row: Batch, ids: I64) -> F32:
-        """(K,) candidates -> (K,) cheap scores: the two-tower dot product when the bundle has
-        one, else the items' global popularity."""
-        model, vectors = self.bundle.two_tower, self.bundle.item_vectors
-        if model is None or vectors is None:
+    def prerank(self, matched: Matched) -> F32:
+        """(K,) cheap scores of the merged candidates: the two-tower dot product when the bundle
+        has one, else the items' global popularity."""
+        ids, u, vectors = matched.ids, matched.user_vector, self.bundle.item_vectors
+        if u is None or vectors is None:
             out: F32 = self.bundle.popular.global_[ids].astype(np.float32)
             return out
-        model.eval()
-        u = model.encode_users(row)[0].numpy()  # (D,)
         scores: F32 = vectors[ids] @ u
         return scores

@@ -255,7 +255,7 @@ class Pipeline:
         matched = self.matcher.match(row, seen)
         watch.lap("retrieve")
 
-        pre = self.matcher.prerank(row, matched.ids)
+        pre = self.matcher.prerank(matched)
         order = np.argsort(-pre, kind="stable")[:self.bundle.config.rank_n]
         watch.lap("prerank")
 
