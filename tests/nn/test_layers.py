@@ -74,6 +74,21 @@ def test_transformer_block_matches_explicit_attention() -> None:
     assert torch.allclose(block(x, keep), y, atol=1e-5)
 
 
+@pytest.mark.parametrize("present", [7, 3, 0], ids=["full", "short", "empty"])
+def test_transformer_block_forward_last_equals_forward_with_a_shared_context(present: int) -> None:
+    """N last tokens after one context: forward_last == forward on the stacked sequences, at
+    the last position, including a context that is all padding."""
+    N, T, D = 5, 8, 16
+    block = TransformerBlock(D, heads=4, ffn_dim=32, dropout=0.3).eval()
+    context, last = torch.randn(1, T - 1, D), torch.randn(N, D)
+    keep = torch.arange(T - 1)[None, :] >= T - 1 - present  # (1, T-1) right-aligned
+    full = torch.cat([context.expand(N, -1, -1), last[:, None]], 1)  # (N, T, D)
+    want = block(full, torch.cat([keep.expand(N, -1), torch.ones(N, 1, dtype=torch.bool)], 1))
+    got = block.forward_last(context, keep, last)
+    assert got.shape == (N, D)
+    assert torch.allclose(got, want[:, -1], atol=1e-5)
+
+
 def test_local_activation_unit_masks_padding() -> None:
     B, L, D = 5, 6, 8
     unit = LocalActivationUnit(D, (16, 8), act="prelu")

@@ -38,6 +38,7 @@ from bstrec.data.samples import (
 from bstrec.features.spec import OOV, FeatureSpec
 from bstrec.features.store import Features, FeatureStore, ItemId, UserId, UserSnapshot, check_id
 from bstrec.features.vocab import Vocabularies
+from bstrec.ranking.request import broadcast, item_names
 from bstrec.training.tensors import Batch, pad_lists, to_tensors
 
 
@@ -90,6 +91,7 @@ class OnlineFeatures:
         self.vocabs = vocabs
         self.spec = spec
         self.columns = FeatureColumns.from_spec(spec)
+        self.item_names = item_names(spec)
         self.row_columns = ["user_id", "item_id", "timestamp", *(f.name for f in spec.features),
                             "hist_item", "hist_cat", "hist_dt"]
         # Encoded item rows and user tables, each kept with the raw features it was encoded
@@ -217,10 +219,17 @@ class OnlineFeatures:
         ``query``: ``tensors(rows(snapshot, items, [any item], ts))``, one row, for the same
         snapshot and time. Every user, context and history column of a request is the same for
         all its candidates (see ``rows``), so they are taken from the query row and repeated;
-        only the target-item columns are encoded per candidate, by the same encoder and join as
-        ``rows`` (an item missing from ``items`` is out of vocabulary). Equal to the full path
-        (tests/features/test_online.py), without its per-row history and profile work.
+        only the target-item columns are encoded per candidate (``item_inputs``). Equal to the
+        full path (tests/features/test_online.py), without its per-row history and profile work.
         """
+        shared = {n: t[:1] for n, t in query.items() if n not in self.item_names}
+        return {n: t.contiguous() for n, t in
+                broadcast(shared, self.item_inputs(items, candidates)).items()}
+
+    def item_inputs(self, items: Mapping[ItemId, Features], candidates: Sequence[ItemId]) -> Batch:
+        """The candidates' target-item columns of the batch contract (``item``, ``category``,
+        item features; multi-hot as wide as the longest list), as ``rows`` + ``tensors`` encode
+        them; an item missing from ``items`` is out of vocabulary."""
         for c in candidates:
             check_id(c, "candidate item_id")
         n = len(candidates)
@@ -242,9 +251,6 @@ class OnlineFeatures:
                 width = max(1, int(longest or 1))  # type: ignore[arg-type]
                 batch[f.name] = torch.from_numpy(pad_lists(frame[f.name], width,
                                                            right_align=False))
-        for name, t in query.items():
-            if name not in batch:
-                batch[name] = t[:1].expand(n, *t.shape[1:]).contiguous()
         return batch
 
     def rows_from_store(self, store: FeatureStore, user_id: UserId, candidates: Sequence[ItemId],

@@ -140,8 +140,28 @@ class FeatureEmbeddings(nn.Module):
     def n_fields(self) -> int:
         return len(self.field_names)
 
+    def field_inputs(self, field: int) -> tuple[str, ...]:
+        """The batch features field ``field`` (an index into ``field_names``) is computed from."""
+        n_single = len(self.single_idx)
+        if field < n_single:
+            return (self.raw_names[int(self.single_idx[field])],)
+        if field < n_single + len(self.cross_a):
+            c = field - n_single
+            return (self.raw_names[int(self.cross_a[c])], self.raw_names[int(self.cross_b[c])])
+        return (self.multi_names[field - n_single - len(self.cross_a)],)
+
     def forward(self, batch: Mapping[str, Tensor]) -> Embedded:
         """Batch contract (training/tensors.py) -> fields (B, F, dim) and sequences (B, L+1, d)."""
+        seq: dict[str, Tensor] = {}
+        for col in self.seq_columns:
+            ids = batch[self.seq_targets[col]].unsqueeze(1)  # (B, 1)
+            if self.history:
+                ids = torch.cat([batch[col], ids], 1)  # (B, L+1)
+            seq[col] = self.seq_tables[col](ids)  # (B, L+1, d), or (B, 1, d) without history
+        return Embedded(self.fields(batch), seq)
+
+    def fields(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Batch contract -> (B, F, dim): the fields of ``forward`` without the sequences."""
         parts: list[Tensor] = []
         if self.raw_names:
             raw = torch.stack([batch[n] for n in self.raw_names], 1)  # (B, R)
@@ -163,10 +183,4 @@ class FeatureEmbeddings(nn.Module):
             pooled = e[:, start:start + w].sum(1) / count.clamp(min=1).to(e.dtype)  # (B, dim)
             fields.append(pooled.unsqueeze(1))
             start += w
-        seq: dict[str, Tensor] = {}
-        for col in self.seq_columns:
-            ids = batch[self.seq_targets[col]].unsqueeze(1)  # (B, 1)
-            if self.history:
-                ids = torch.cat([batch[col], ids], 1)  # (B, L+1)
-            seq[col] = self.seq_tables[col](ids)  # (B, L+1, d), or (B, 1, d) without history
-        return Embedded(torch.cat(fields, 1), seq)
+        return torch.cat(fields, 1)

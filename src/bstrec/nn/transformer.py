@@ -47,6 +47,29 @@ class TransformerBlock(nn.Module):
         out: Tensor = self.ln2(x + self.drop(self.ffn(x)))  # (B, T, D)
         return out
 
+    def forward_last(self, context: Tensor, keep: Tensor, last: Tensor) -> Tensor:
+        """``forward(cat([context, last_n]), cat([keep, True]))[:, -1]`` for each of N last tokens
+        that share one context: context (1, T-1, D), keep (1, T-1), last (N, D) -> (N, D).
+
+        Exact because a block's output at a position reads the other positions only through
+        their keys and values: the context's are computed once (not N times) and only the last
+        query row of the attention is evaluated, O(N T D) instead of O(N T D^2).
+        """
+        N, D = last.shape
+        H = self.heads
+        _, kc, vc = self._qkv(context)  # (1, H, T-1, D/H)
+        q, k, v = self.qkv(last).view(N, 3, H, D // H).unbind(1)  # each (N, H, D/H)
+        scale = (D // H) ** -0.5
+        q = q.transpose(0, 1)  # (H, N, D/H)
+        s_ctx = (q @ kc[0].transpose(-2, -1)) * scale  # (H, N, T-1)
+        s_ctx = s_ctx.masked_fill(~keep[:, None, :], float("-inf"))
+        s_last = (q * k.transpose(0, 1)).sum(-1, keepdim=True) * scale  # (H, N, 1)
+        w = torch.softmax(torch.cat([s_ctx, s_last], -1), -1)  # (H, N, T): the last query row
+        a = w[..., :-1] @ vc[0] + w[..., -1:] * v.transpose(0, 1)  # (H, N, D/H)
+        x = self.ln1(last + self.drop(self.proj(a.transpose(0, 1).reshape(N, D))))
+        out: Tensor = self.ln2(x + self.drop(self.ffn(x)))  # (N, D)
+        return out
+
     def attention_weights(self, x: Tensor, keep: Tensor) -> Tensor:
         """(B, T, D), (B, T) -> (B, H, T, T) softmax weights, recomputed explicitly (not hot)."""
         q, k, _ = self._qkv(x)

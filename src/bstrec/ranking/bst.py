@@ -11,6 +11,9 @@ Notation: B batch, L history length (``spec.max_len``), D token width, F other-f
    concatenated with the embeddings of the other features (user profile, target item features,
    context, crosses such as gender x category), then an MLP 1024-512-256 (LeakyReLU) -> 1 logit.
 
+Serving scores N candidates of one request, whose user, context and history inputs are all the
+same: ``forward_request`` computes what they share once (see there).
+
 Token width 64 = item 32 + category 16 + position 16: the item id carries most of what a token
 says (thousands of values), the category (tens) and the time bucket (30) need few dimensions; 64
 is the top of the paper's embedding sizes (4-64) and splits into 8 heads of 8. Ablations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bstrec.features.spec import FeatureSpec
@@ -32,6 +36,7 @@ from bstrec.features.timebuckets import N_TIME_BUCKETS
 from bstrec.nn.embeddings import Cross, FeatureEmbeddings, resolve_crosses
 from bstrec.nn.mlp import MLP, Activation
 from bstrec.nn.transformer import TransformerBlock
+from bstrec.ranking.request import broadcast
 
 Batch = dict[str, Tensor]
 Position = Literal["time", "slot", "sinusoidal", "none"]
@@ -90,10 +95,15 @@ class BSTConfig:
 
 
 class BST(nn.Module):
-    """Behavior Sequence Transformer ranker: ``forward(batch) -> logits (B,)``."""
+    """Behavior Sequence Transformer ranker: ``forward(batch) -> logits (B,)``, and
+    ``forward_request(shared, items) -> logits (N,)`` for the N candidates of one request."""
 
     slots: Tensor
     sin_pos: Tensor
+    shared_fields: Tensor
+    item_fields: Tensor
+    w1_shared_cols: Tensor
+    w1_item_cols: Tensor
 
     def __init__(self, spec: FeatureSpec, config: BSTConfig | None = None) -> None:
         super().__init__()
@@ -125,6 +135,41 @@ class BST(nn.Module):
         seq_out = (L + 1) * D if c.output == "concat" else D
         other = self.embed.n_fields * c.embed_dim + c.item_dim + c.cat_dim
         self.mlp = MLP(seq_out + other, c.mlp, act=c.mlp_act, dropout=c.mlp_dropout, out_dim=1)
+        # The MLP's input is [sequence output, fields, target item, target category]: which
+        # fields (and so which columns of the first layer) depend on the candidate, for
+        # forward_request. A cross such as gender x category does, through its item side.
+        per_item = {f.name for f in spec.features if f.group == "item"}
+        varies = [bool(per_item & set(self.embed.field_inputs(i)))
+                  for i in range(self.embed.n_fields)]
+        shared = [i for i, v in enumerate(varies) if not v]
+        cols = torch.arange(seq_out + other)
+        is_shared = torch.zeros(seq_out + other, dtype=torch.bool)
+        for i in shared:
+            is_shared[seq_out + i * c.embed_dim: seq_out + (i + 1) * c.embed_dim] = True
+        for name, value in (("shared_fields", torch.tensor(shared, dtype=torch.long)),
+                            ("item_fields", torch.tensor([i for i, v in enumerate(varies) if v],
+                                                         dtype=torch.long)),
+                            ("w1_shared_cols", cols[is_shared]), ("w1_item_cols", cols[~is_shared])):
+            self.register_buffer(name, value, persistent=False)
+
+    @property
+    def request_shaped(self) -> bool:
+        """Whether ``forward_request`` shares work across candidates: with the target's output
+        only and one block, nothing candidate-specific flows into the history's positions."""
+        return self.config.output == "target" and self.config.blocks == 1
+
+    def _positions(self, hist_pos: Tensor) -> Tensor | None:
+        """(B, L) time buckets -> (B, L+1, pos_dim) position part of the tokens, target last
+        (its time bucket is 1: dt = 0); None when tokens have no position part."""
+        B = hist_pos.shape[0]
+        out: Tensor | None = None
+        if self.pos is not None and self.config.position == "time":
+            out = self.pos(torch.cat([hist_pos, hist_pos.new_ones(B, 1)], 1))
+        elif self.pos is not None:
+            out = self.pos(self.slots).expand(B, -1, -1)
+        elif self.config.position == "sinusoidal":
+            out = self.sin_pos.expand(B, -1, -1)
+        return out
 
     def _tokens(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """-> tokens (B, L+1, D), keep (B, L+1) bool, other features (B, F*dim + item + cat)."""
@@ -134,13 +179,9 @@ class BST(nn.Module):
         mask = batch["hist_mask"]  # (B, L)
         keep = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, L+1): the target is always there
         parts = [item, cat]
-        if self.pos is not None and self.config.position == "time":
-            hp = batch["hist_pos"]
-            parts.append(self.pos(torch.cat([hp, hp.new_ones(B, 1)], 1)))  # target: dt 0 -> 1
-        elif self.pos is not None:
-            parts.append(self.pos(self.slots).expand(B, -1, -1))
-        elif self.config.position == "sinusoidal":
-            parts.append(self.sin_pos.expand(B, -1, -1))
+        pos = self._positions(batch["hist_pos"])
+        if pos is not None:
+            parts.append(pos)
         other = torch.cat([e.fields.flatten(1), item[:, -1], cat[:, -1]], 1)
         return torch.cat(parts, -1), keep, other
 
@@ -153,6 +194,49 @@ class BST(nn.Module):
             else x[:, -1]
         logits: Tensor = self.mlp(torch.cat([seq, other], 1)).squeeze(-1)  # (B,)
         return logits
+
+    def forward_request(self, shared: Batch, items: Batch) -> Tensor:
+        """The N candidates of one request: ``shared`` holds the user, context and history
+        inputs of the batch contract with batch 1, ``items`` the target-item inputs (item,
+        category, item features) with batch N -> logits (N,), equal to ``forward`` on the
+        expanded batch (tests/ranking/test_request.py).
+
+        With ``request_shaped`` (target output, one block) the history tokens, their keys and
+        values and the first MLP layer's product with the shared fields (user, context) are
+        computed once per request; per candidate remain the target token's attention row over
+        the L+1 keys, its feed-forward and the MLP on the candidate's columns. That is most of
+        a request's FLOPs gone: the expanded batch repeats the history N times. Other configs
+        broadcast the shared inputs and run ``forward`` (exact, nothing saved).
+        """
+        if not self.request_shaped:
+            out: Tensor = self(broadcast(shared, items))
+            return out
+        emb = self.embed
+        item_t = emb.seq_tables["hist_item"](items[emb.seq_targets["hist_item"]])  # (N, item)
+        cat_t = emb.seq_tables["hist_cat"](items[emb.seq_targets["hist_cat"]])  # (N, cat)
+        N = item_t.shape[0]
+        context = [emb.seq_tables["hist_item"](shared["hist_item"]),
+                   emb.seq_tables["hist_cat"](shared["hist_cat"])]  # (1, L, item), (1, L, cat)
+        target = [item_t, cat_t]
+        pos = self._positions(shared["hist_pos"])  # (1, L+1, pos_dim): the target's is last
+        if pos is not None:
+            context.append(pos[:, :-1])
+            target.append(pos[:, -1].expand(N, -1))
+        block = self.blocks[0]
+        assert isinstance(block, TransformerBlock)
+        seq = block.forward_last(torch.cat(context, -1), shared["hist_mask"],
+                                 torch.cat(target, -1))  # (N, D)
+        fields = emb.fields(broadcast(shared, items))  # (N, F, dim): lookups, no FLOPs
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        z = F.linear(torch.cat([seq, fields[:, self.item_fields].flatten(1), item_t, cat_t], 1),
+                     first.weight[:, self.w1_item_cols], first.bias)  # (N, hidden)
+        if len(self.shared_fields):
+            z = z + F.linear(fields[:1, self.shared_fields].flatten(1),
+                             first.weight[:, self.w1_shared_cols])  # (1, hidden), once
+        for layer in list(self.mlp)[1:]:
+            z = layer(z)
+        return z.squeeze(-1)  # (N,)
 
     @torch.no_grad()
     def attention_maps(self, batch: Batch) -> Tensor:

@@ -8,6 +8,13 @@ then ``hist_item``, ``hist_cat``, ``hist_pos`` (B, L) int64 and ``hist_mask`` (B
 returns ``logits`` (B,) float32. B and M are dynamic; L is the spec's ``max_len``. The feature spec
 travels in the file's metadata (``bstrec.spec``). Inputs a model ignores (Wide&Deep's history)
 stay declared, so that every exported ranker is fed the same way.
+
+The request-shaped graph (:func:`export_request_ranker`, ranking/request.py) scores the N
+candidates of one request: the user, context and history inputs with batch 1, then the item
+inputs with batch N, in the order :func:`request_inputs` gives -> ``logits`` (N,). Its metadata
+says ``bstrec.graph = request`` (the batch graph's says ``batch``, or nothing in files written
+before the request graph existed) and whether it shares work across candidates
+(``bstrec.shares_work``).
 """
 
 from __future__ import annotations
@@ -25,14 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from bstrec.features.spec import FeatureSpec
+from bstrec.ranking.request import SEQUENCE_INPUTS, forward_request, item_names, shared_names
 
-SEQUENCE_INPUTS = ("hist_item", "hist_cat", "hist_pos", "hist_mask")
 OPSET = 20
 
 
 def model_inputs(spec: FeatureSpec) -> tuple[str, ...]:
     """Names of the exported graph's inputs, in order."""
     return (*(f.name for f in spec.features), *SEQUENCE_INPUTS)
+
+
+def request_inputs(spec: FeatureSpec) -> tuple[str, ...]:
+    """Names of the request-shaped graph's inputs, in order: shared (batch 1), then items (N)."""
+    return (*shared_names(spec), *item_names(spec))
 
 
 class _Positional(nn.Module):
@@ -46,6 +58,21 @@ class _Positional(nn.Module):
     def forward(self, *xs: Tensor) -> Tensor:
         out: Tensor = self.model(dict(zip(self.names, xs, strict=True)))
         return out
+
+
+class _RequestPositional(nn.Module):
+    """Positional tensors (shared, then item inputs) -> the ranker's request-shaped logits."""
+
+    def __init__(self, model: nn.Module, shared: tuple[str, ...], items: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.shared = shared
+        self.items = items
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        n = len(self.shared)
+        return forward_request(self.model, dict(zip(self.shared, xs[:n], strict=True)),
+                               dict(zip(self.items, xs[n:], strict=True)))
 
 
 def example_batch(spec: FeatureSpec, batch: int = 3, multi_width: int = 2) -> dict[str, Tensor]:
@@ -66,18 +93,43 @@ def example_batch(spec: FeatureSpec, batch: int = 3, multi_width: int = 2) -> di
 
 def export_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path:
     """Write ``model`` (in eval mode) as an ONNX graph with a dynamic batch size; returns path."""
+    names = model_inputs(spec)
+    example = example_batch(spec)
+    return _export(model, _Positional(model, names), spec, path, names=names,
+                   args=tuple(example[n] for n in names), batched=set(names),
+                   meta={"bstrec.graph": "batch"})
+
+
+def export_request_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path:
+    """Write ``model`` (in eval mode) as the request-shaped ONNX graph (module docstring):
+    shared inputs with batch 1, item inputs with a dynamic batch N; returns path."""
+    shared, items = shared_names(spec), item_names(spec)
+    example = example_batch(spec)
+    args = (*(example[n][:1] for n in shared), *(example[n] for n in items))
+    shares = bool(getattr(model, "request_shaped", False))
+    return _export(model, _RequestPositional(model, shared, items), spec, path,
+                   names=(*shared, *items), args=args, batched=set(items),
+                   meta={"bstrec.graph": "request", "bstrec.shares_work": json.dumps(shares)})
+
+
+def _export(model: nn.Module, wrapper: nn.Module, spec: FeatureSpec, path: str | Path, *,
+            names: tuple[str, ...], args: tuple[Tensor, ...], batched: set[str],
+            meta: dict[str, str]) -> Path:
+    """Export ``wrapper`` (positional inputs ``args`` called ``names``) with a dynamic first
+    dimension on the ``batched`` inputs and a dynamic width on multi-hot ones; ``meta`` joins
+    the file's metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = model_inputs(spec)
     was_training = model.training
-    wrapper = _Positional(model, names).eval()
-    example = example_batch(spec)
-    args = tuple(example[n] for n in names)
+    wrapper.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     multi = {f.name for f in spec.features if f.kind == "multi"}
-    dims: list[dict[int, Any]] = [
-        {0: batch, 1: torch.export.Dim(f"{n}_width", min=1, max=1 << 12)} if n in multi
-        else {0: batch} for n in names]
+    dims: list[dict[int, Any]] = []
+    for n in names:
+        d: dict[int, Any] = {0: batch} if n in batched else {}
+        if n in multi:
+            d[1] = torch.export.Dim(f"{n}_width", min=1, max=1 << 12)
+        dims.append(d)
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     try:
@@ -92,12 +144,14 @@ def export_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path
         onnx_log.setLevel(level)
         model.train(was_training)
     assert program is not None
-    program.model.metadata_props["bstrec.spec"] = json.dumps(spec.to_dict())
-    program.model.metadata_props["bstrec.inputs"] = json.dumps(list(names))
+    props = program.model.metadata_props
+    props["bstrec.spec"] = json.dumps(spec.to_dict())
+    props["bstrec.inputs"] = json.dumps(list(names))
     config = getattr(model, "config", None)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        program.model.metadata_props["bstrec.config"] = json.dumps(dataclasses.asdict(config))
-    program.model.metadata_props["bstrec.model"] = type(model).__name__
+        props["bstrec.config"] = json.dumps(dataclasses.asdict(config))
+    props["bstrec.model"] = type(model).__name__
+    props.update(meta)
     program.save(str(path))
     return path
 
@@ -117,9 +171,12 @@ class OnnxRanker:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.spec = FeatureSpec.from_dict(json.loads(meta["bstrec.spec"]))
         self.input_names: tuple[str, ...] = tuple(i.name for i in self.session.get_inputs())
+        self.graph: str = meta.get("bstrec.graph", "batch")  # files of before the request graph
+        self.shares_work: bool = json.loads(meta.get("bstrec.shares_work", "false"))
 
     def predict(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Batch contract as NumPy arrays (extra keys ignored) -> (B,) float32 logits."""
+        """The graph's inputs as NumPy arrays (extra keys ignored) -> (B,) float32 logits: the
+        batch contract, or for a request graph the shared (1, ...) and item (N, ...) inputs."""
         feed = {n: np.ascontiguousarray(batch[n], dtype=np.bool_ if n == "hist_mask"
                                         else np.int64) for n in self.input_names}
         out = self.session.run(["logits"], feed)[0]

@@ -5,6 +5,8 @@ Layout (written in one atomic rename; nothing in it is ever unpickled)::
     manifest.json        format version, bundle version, sources, id types, pipeline config,
                          sha256 of every other file
     ranker.onnx          the BST ranker (ranking/export.py), spec in its metadata
+    ranker_request.onnx  the same ranker, request-shaped (one user, N candidates); bundles
+                         built before it existed lack it and are served through ranker.onnx
     feature_spec.json    the feature specification shared by every model of the bundle
     vocab.json           the vocabularies that encode requests (features/online.py)
     catalog.parquet      encoded item features by item index (retrieval/catalog.py)
@@ -56,6 +58,7 @@ from bstrec.serving.runtime import RankerRuntime
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RANKER = "ranker.onnx"
+RANKER_REQUEST = "ranker_request.onnx"
 SPEC = "feature_spec.json"
 VOCAB = "vocab.json"
 CATALOG = "catalog.parquet"
@@ -146,7 +149,7 @@ def build_bundle(
     ``retriever_dir``: optional output of ``train_two_tower(out_dir=...)``. Popularity and
     item-CF are fitted here on the train split (seconds, even on ML-1M).
     """
-    from bstrec.ranking.export import export_ranker
+    from bstrec.ranking.export import export_ranker, export_request_ranker
     from bstrec.retrieval.train import item_vectors, load_retriever
     from bstrec.training.checkpoint import load_checkpoint
 
@@ -180,6 +183,7 @@ def build_bundle(
     with atomic_dir(target) as tmp:
         with _quiet("onnxscript", "onnx_ir"):  # the exporter's optimizer logs at INFO
             export_ranker(ranker.model, spec, tmp / RANKER)
+            export_request_ranker(ranker.model, spec, tmp / RANKER_REQUEST)
         spec.save(tmp / SPEC)
         samples.vocabs.save(tmp / VOCAB)
         catalog.save(tmp / CATALOG)
@@ -248,11 +252,14 @@ def load_bundle(path: str | Path, *, verify: bool = True, ort_threads: int = 1) 
     except (OSError, ValueError, KeyError, TypeError, AssertionError, ConfigError,
             pl.exceptions.PolarsError) as exc:
         raise BundleError(f"{root}: cannot read an artifact: {exc}") from None
+    # bundles built before the request-shaped graph: served through ranker.onnx (runtime.py)
+    request = root / RANKER_REQUEST if RANKER_REQUEST in manifest["files"] else None
     try:
-        ranker = RankerRuntime(root / RANKER, threads=ort_threads)
+        ranker = RankerRuntime(root / RANKER, threads=ort_threads, request_path=request)
         ranker.check()
     except Exception as exc:  # ONNX Runtime raises its own types on a bad graph
-        raise BundleError(f"{root / RANKER} does not load or run: {exc}") from None
+        both = f" (with {RANKER_REQUEST})" if request is not None else ""
+        raise BundleError(f"{root / RANKER} does not load or run{both}: {exc}") from None
     if ranker.spec != spec:
         raise BundleError(f"{root}: the ranker was exported for another feature spec than {SPEC}")
     n_items = spec.vocab_size("item_id")

@@ -3,8 +3,9 @@
 1. read the user's snapshot from the feature store (last behaviours, profile);
 2. match: the user's query row (features/online.py) through retrieval's sources and merge;
 3. pre-rank: a dot product (two-tower) over every merged candidate, keep the best ``rank_n``;
-4. rank: the ``rank_n`` candidates' rows (the offline builder's code) in ONE batch through the
-   exported BST ranker in ONNX Runtime;
+4. rank: the ``rank_n`` candidates' item columns (the offline builder's code) and the query
+   row's shared user/context/history inputs, in ONE call of the exported request-shaped BST
+   ranker in ONNX Runtime (shared work done once per request);
 5. rules: seen filter, per-category cap (rules.py); top K with score, sources, model version.
 
 When the feature store is unreachable the request still gets an answer: the user is served as
@@ -266,10 +267,11 @@ class Pipeline:
         scores = np.zeros(0, dtype=np.float32)
         if cands:
             # the query row already holds the user's history, profile and context: only the
-            # candidates' item columns are encoded here (equal to rows() for them, tested)
-            batch = self.features.candidate_batch(row, items, cands)
+            # candidates' item columns are encoded here, and the ranker's request-shaped graph
+            # takes the shared inputs once (equal to rows() + the batch graph, tested)
+            cand_inputs = self.features.item_inputs(items, cands)
             watch.lap("rank_features")
-            scores = self.bundle.ranker.score(batch)
+            scores = self.bundle.ranker.score_request(row, cand_inputs)
         else:
             watch.lap("rank_features")
         watch.lap("rank")

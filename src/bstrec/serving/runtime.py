@@ -1,7 +1,12 @@
 """The exported ranker at serving time: every candidate of a request scored in one ONNX Runtime
 call, no torch on this path.
 
-Notation: B candidates of one request.
+Notation: B candidates of a batch, N candidates of one request.
+
+A bundle holds the batch graph (the batch contract, any rows) and, since the request-shaped
+graph exists, that graph too (ranking/export.py): the user, context and history inputs once,
+the candidates' item inputs N times, so that work shared by the candidates is done once per
+request. Bundles without it are served by broadcasting the shared inputs into the batch graph.
 """
 
 from __future__ import annotations
@@ -15,34 +20,74 @@ import torch
 
 from bstrec.features.spec import FeatureSpec
 from bstrec.ranking.export import OnnxRanker, example_batch
+from bstrec.ranking.request import item_names, shared_names
 
 F32 = npt.NDArray[np.float32]
+Inputs = Mapping[str, torch.Tensor | np.ndarray]
+
+
+def _numpy(batch: Inputs, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    return {n: v.numpy() if isinstance(v, torch.Tensor) else v for n, v in batch.items()
+            if n in names}
+
+
+def sigmoid(z: F32) -> F32:
+    out: F32 = (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
+    return out
 
 
 class RankerRuntime:
-    """``score(batch) -> (B,)`` click probabilities from an exported ranker file."""
+    """``score(batch) -> (B,)`` and ``score_request(shared, items) -> (N,)`` click
+    probabilities from exported ranker files (``request_path``: the request-shaped graph)."""
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1,
+                 request_path: str | Path | None = None) -> None:
         # One intra-op thread by default: requests run in parallel threads already, and a
         # thread pool per session per request would oversubscribe the cores.
         self.ranker = OnnxRanker(path, threads=threads)
         self.spec: FeatureSpec = self.ranker.spec
+        self.request: OnnxRanker | None = None
+        if request_path is not None:
+            self.request = OnnxRanker(request_path, threads=threads)
+            if self.request.graph != "request":
+                raise ValueError(f"{request_path} is not a request-shaped ranker graph")
+            if self.request.spec != self.spec:
+                raise ValueError(f"{request_path} was exported for another feature spec than {path}")
+        self.shared_names = shared_names(self.spec)
+        self.item_names = item_names(self.spec)
 
-    def logits(self, batch: Mapping[str, torch.Tensor | np.ndarray]) -> F32:
+    def logits(self, batch: Inputs) -> F32:
         """Batch contract (torch or NumPy; extra keys ignored) -> (B,) logits."""
-        arrays = {n: v.numpy() if isinstance(v, torch.Tensor) else v for n, v in batch.items()
-                  if n in self.ranker.input_names}
-        return self.ranker.predict(arrays)
+        return self.ranker.predict(_numpy(batch, self.ranker.input_names))
 
-    def score(self, batch: Mapping[str, torch.Tensor | np.ndarray]) -> F32:
+    def score(self, batch: Inputs) -> F32:
         """Batch contract -> (B,) probabilities sigmoid(logit)."""
-        z = self.logits(batch).astype(np.float64)
-        out: F32 = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-        return out
+        return sigmoid(self.logits(batch))
+
+    def logits_request(self, shared: Inputs, items: Inputs) -> F32:
+        """One request: ``shared`` user/context/history inputs (batch 1) and ``items`` the N
+        candidates' item inputs -> (N,) logits, equal to ``logits`` on the broadcast batch."""
+        s, i = _numpy(shared, self.shared_names), _numpy(items, self.item_names)
+        if self.request is not None:
+            return self.request.predict(s | i)
+        n = len(next(iter(i.values())))
+        return self.ranker.predict({k: np.broadcast_to(v, (n, *v.shape[1:])) for k, v in s.items()}
+                                   | i)
+
+    def score_request(self, shared: Inputs, items: Inputs) -> F32:
+        """One request -> (N,) probabilities sigmoid(logit)."""
+        return sigmoid(self.logits_request(shared, items))
 
     def check(self) -> None:
-        """Score a tiny valid batch; raise ValueError when the graph does not run or gives
-        non-finite scores (a bundle is refused before it serves)."""
-        out = self.logits(example_batch(self.spec, batch=2))
+        """Score a tiny valid batch (and request); raise ValueError when a graph does not run,
+        gives non-finite scores, or when the two graphs disagree (a bundle is refused before
+        it serves)."""
+        batch = example_batch(self.spec, batch=2)
+        out = self.logits(batch)
         if out.shape != (2,) or not np.isfinite(out).all():
             raise ValueError(f"the ranker returned {out!r} on a valid batch")
+        if self.request is not None:
+            got = self.logits_request({n: batch[n][:1] for n in self.shared_names}, batch)
+            if got.shape != (2,) or not np.allclose(got, out, rtol=1e-4, atol=1e-4):
+                raise ValueError(f"the request-shaped ranker returned {got!r} where the batch "
+                                 f"graph returned {out!r}")

@@ -1,0 +1,118 @@
+"""Request-shaped scoring: one request's shared inputs (batch 1) and its N candidates' item
+inputs score exactly like the model's forward on the expanded batch, eager and exported, for
+every ranker; BST with the target output and one block does so with far fewer FLOPs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bstrec.ranking import build_ranker
+from bstrec.ranking.bst import BST
+from bstrec.ranking.export import export_request_ranker, load_runtime, request_inputs
+from bstrec.ranking.request import broadcast, forward_request, item_names, shared_names
+from tests.ranking.test_models import Batch, make_batch, make_spec
+
+TARGET = {"output": "target"}
+CASES = [("bst", TARGET), ("bst", {**TARGET, "position": "slot"}),
+         ("bst", {**TARGET, "position": "sinusoidal"}), ("bst", {**TARGET, "position": "none"}),
+         ("bst", {**TARGET, "crosses": [["user_gender", "category"], ["user", "hour"]]}),
+         ("bst", {**TARGET, "mlp": []}), ("bst", {}), ("bst", {**TARGET, "blocks": 2}),
+         ("din", {}), ("wdl", {}), ("wdl_seq", {})]
+
+
+def trained(name: str, overrides: dict[str, object]) -> torch.nn.Module:
+    """A ranker after a few steps (Dice's running statistics moved), in eval mode."""
+    torch.manual_seed(0)
+    spec = make_spec()
+    model = build_ranker(name, spec, {"mlp": [64, 32], **overrides})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for seed in range(3):
+        b = make_batch(spec, 32, seed=seed)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b["label"])
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+    return model.eval()
+
+
+def requests(n: int, seed: int, multi_width: int = 3) -> list[tuple[Batch, Batch]]:
+    """Requests of n candidates: each row of a random batch as the shared part (full, short and
+    empty histories), the batch's item columns as the candidates (multi-hot with padding)."""
+    spec = make_spec()
+    b = make_batch(spec, n, seed=seed, multi_width=multi_width)
+    b["hist_mask"][0] = False  # an empty history
+    for col in ("hist_item", "hist_cat", "hist_pos"):
+        b[col][0] = 0
+    items = {k: b[k] for k in item_names(spec)}
+    return [({k: b[k][r:r + 1] for k in shared_names(spec)}, items) for r in range(min(n, 4))]
+
+
+@pytest.mark.parametrize(("name", "overrides"), CASES, ids=lambda c: str(c))
+def test_forward_request_equals_forward_on_the_expanded_batch(
+        name: str, overrides: dict[str, object]) -> None:
+    model = trained(name, overrides)
+    with torch.no_grad():
+        for n, seed in ((1, 0), (9, 1), (64, 2)):
+            for shared, items in requests(n, seed):
+                want = model(broadcast(shared, items))
+                got = forward_request(model, shared, items)
+                assert got.shape == (n,)
+                assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+def test_request_path_is_exact_in_eval_and_keeps_dropout_in_training() -> None:
+    model = trained("bst", {**TARGET, "dropout": 0.5, "mlp_dropout": 0.5})
+    assert isinstance(model, BST) and model.request_shaped
+    shared, items = requests(16, 3)[1]
+    with torch.no_grad():
+        a, b = forward_request(model, shared, items), forward_request(model, shared, items)
+        assert torch.equal(a, b)  # no dropout in eval
+        assert torch.allclose(a, model(broadcast(shared, items)), atol=1e-5)
+        model.train()
+        assert not torch.equal(forward_request(model, shared, items), a)
+
+
+def test_only_target_output_with_one_block_shares_work() -> None:
+    spec = make_spec()
+    flags = {json.dumps(o): build_ranker("bst", spec, o).request_shaped  # type: ignore[union-attr]
+             for o in ({}, TARGET, {**TARGET, "blocks": 2})}
+    assert list(flags.values()) == [False, True, False]
+
+
+def test_shared_work_cuts_the_flops_per_request() -> None:
+    model = trained("bst", {**TARGET, "mlp": [256, 128, 64]})
+    shared, items = requests(200, 4)[1]
+    flops = []
+    for fn in (lambda: model(broadcast(shared, items)), lambda: forward_request(model, shared, items)):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        flops.append(fc.get_total_flops())
+    assert flops[1] < 0.5 * flops[0], flops
+
+
+@pytest.mark.parametrize(("name", "overrides"), [CASES[0], CASES[4], CASES[6], CASES[8]],
+                         ids=lambda c: str(c))
+def test_exported_request_graph_equals_forward(name: str, overrides: dict[str, object],
+                                               tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
+    pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo exporter)")
+    model = trained(name, overrides)
+    spec = make_spec()
+    path = export_request_ranker(model, spec, tmp_path / "request.onnx")
+    runtime = load_runtime(path, threads=1)
+    assert runtime.input_names == request_inputs(spec) and runtime.spec == spec
+    assert runtime.graph == "request"
+    assert runtime.shares_work == (name == "bst" and overrides.get("output") == "target")
+    for n, width in ((1, 1), (7, 3), (200, 5)):
+        for shared, items in requests(n, 10 + n, multi_width=width):
+            with torch.no_grad():
+                want = model(broadcast(shared, items)).numpy()
+            got = runtime.predict({k: v.numpy() for k, v in {**shared, **items}.items()})
+            assert got.shape == (n,) and got.dtype == np.float32
+            assert np.abs(got - want).max() < 1e-5
