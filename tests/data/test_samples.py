@@ -12,7 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bstrec.config import ConfigError, from_dict
-from bstrec.data.samples import SampleConfig, SampleSet, build_samples
+from bstrec.data.samples import (
+    SampleConfig,
+    SampleSet,
+    behaviour_order,
+    build_samples,
+    context_columns,
+    hour_and_weekday,
+    sort_events,
+)
 from bstrec.data.schema import Dataset
 from bstrec.features.spec import OOV, PAD
 from tests.conftest import require
@@ -64,6 +72,27 @@ def test_history_is_the_users_earlier_events_never_later(
         assert len(r["hist_item_id"]) <= max_len
         assert (r["hist_item_id"], r["hist_dt"]) in expected[(r["user_id"], r["item_id"],
                                                               r["timestamp"])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["a", "b", "ab", "B", "é", "10", "9"])),
+                max_size=25), st.booleans())
+def test_behaviour_order_is_sort_events_order_for_one_user(
+        events: list[tuple[int, str]], int_ids: bool) -> None:
+    """Many same-second ties and repeats; string ids (byte vs code point order) and integers."""
+    ts = [t for t, _ in events]
+    ids: list[object] = [len(i) * 7 + ord(i[0]) if int_ids else i for _, i in events]
+    frame = pl.DataFrame({"user_id": [1] * len(ts), "item_id": ids, "timestamp": ts,
+                          "row": list(range(len(ts)))},
+                         schema_overrides={"timestamp": pl.Int64, "user_id": pl.Int64})
+    assert behaviour_order(ts, ids) == sort_events(frame)["row"].to_list()
+
+
+def test_hour_and_weekday_is_context_columns_arithmetic() -> None:
+    ts = [0, 3599, 3600, 86_399, 86_400, 1_700_000_000, 1_800_012_345]
+    cols = pl.DataFrame({"t": ts}).select(context_columns(pl.col("t")))
+    assert [hour_and_weekday(t) for t in ts] == list(zip(cols["hour"], cols["dow"], strict=True))
+    assert hour_and_weekday(0) == (0, 3)  # 1970-01-01 00:00 UTC, a Thursday
 
 
 def test_splits_cut_at_global_time_quantiles() -> None:

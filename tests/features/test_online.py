@@ -9,6 +9,7 @@ with the rows ``build_samples`` wrote.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from bstrec.data.schema import Dataset
 from bstrec.features.online import FeatureColumns, OnlineFeatures
 from bstrec.features.spec import OOV
 from bstrec.features.store import Event, FeatureStore, UserSnapshot
-from bstrec.training.tensors import to_tensors
+from bstrec.training.tensors import Batch, to_tensors
 from tests.conftest import require
 from tests.features.conftest import StoreFactory
 
@@ -77,10 +78,11 @@ def seed_shuffled(store: FeatureStore, dataset: Dataset, cut: int, seed: int) ->
 
 def replay(store: FeatureStore, dataset: Dataset, samples: SampleSet, cut: int,
            users: list[object], max_requests: int, shuffled: bool = False,
-           per_user: int = 10**9) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+           per_user: int = 10**9) -> Iterator[tuple[pl.DataFrame, pl.DataFrame, Batch]]:
     """Seed the store up to ``cut`` (the bulk load, or shuffled appends), then per user and event
-    from ``cut`` on: yield (offline rows of the event's samples, online rows for their targets),
-    then append the event."""
+    from ``cut`` on: yield (offline rows of the event's samples, online rows for their targets,
+    the serving path's tensors for them: ``query_row`` + ``candidate_batch``), then append the
+    event."""
     online = OnlineFeatures(samples.vocabs, samples.spec)
     if shuffled:
         seed_shuffled(store, dataset, cut, seed=0)
@@ -103,8 +105,13 @@ def replay(store: FeatureStore, dataset: Dataset, samples: SampleSet, cut: int,
             while pos < mine.height and mine["label"][pos] == 0 and dataset.feedback == "implicit":
                 group = pl.concat([group, mine.slice(pos, 1)])
                 pos += 1
-            got = online.rows_from_store(store, user, group["item_id"].to_list(), ts)  # type: ignore[arg-type]
-            yield group, got
+            cands = group["item_id"].to_list()
+            got = online.rows_from_store(store, user, cands, ts)  # type: ignore[arg-type]
+            snap = store.snapshot(user)  # type: ignore[arg-type]
+            items = store.items(online.item_ids_needed(snap, cands))
+            served = online.candidate_batch(online.query_row(snap, items, cands[0], ts), items,
+                                            cands)
+            yield group, got, served
             store.append(Event(user, item, ts, f"live-{user}-{k}"))  # type: ignore[arg-type]
             done += 1
             if done >= max_requests:
@@ -133,9 +140,15 @@ def run_skew(store: FeatureStore, dataset: Dataset, samples: SampleSet, users: l
     cut = int(samples.manifest["t80"])
     online = OnlineFeatures(samples.vocabs, samples.spec)
     n = 0
-    for offline, got in replay(store, dataset, samples, cut, users, max_requests, shuffled,
-                               per_user):
+    for offline, got, served in replay(store, dataset, samples, cut, users, max_requests,
+                                       shuffled, per_user):
         assert_same(offline, got, online)
+        want = to_tensors(offline, online.spec)
+        del want["label"]
+        assert want.keys() == served.keys()
+        for key in want:
+            assert want[key].dtype == served[key].dtype and torch.equal(want[key], served[key]), \
+                f"serving path skew in {key}: offline {want[key]} online {served[key]}"
         n += offline.height
     return n
 
@@ -190,6 +203,26 @@ def test_skew_test_detects_a_tie_order_skew(tmp_path: Path, monkeypatch: pytest.
     users = sorted(all_rows(samples)["user_id"].unique().to_list())
     with EmbeddedStore(tmp_path / "s.sqlite", max_events=5) as store, \
             pytest.raises(AssertionError, match="skew in hist_"):
+        run_skew(store, ds, samples, users, max_requests=10_000, shuffled=True)
+
+
+def test_skew_test_detects_a_tie_order_skew_in_the_serving_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        fixture_samples: tuple[Dataset, SampleSet]) -> None:
+    """The same negative control for ``query_row``'s frame-free behaviour order."""
+    import bstrec.features.online as online_mod
+    from bstrec.features.store_embedded import EmbeddedStore
+
+    def wrong_order(timestamps: list[int], item_ids: list[str]) -> list[int]:
+        # same-second behaviours by item id descending (sorted is stable)
+        by_item = sorted(range(len(timestamps)), key=lambda j: item_ids[j], reverse=True)
+        return sorted(by_item, key=lambda j: timestamps[j])
+
+    monkeypatch.setattr(online_mod, "behaviour_order", wrong_order)
+    ds, samples = fixture_samples
+    users = sorted(all_rows(samples)["user_id"].unique().to_list())
+    with EmbeddedStore(tmp_path / "s.sqlite", max_events=5) as store, \
+            pytest.raises(AssertionError, match="serving path skew in hist_"):
         run_skew(store, ds, samples, users, max_requests=10_000, shuffled=True)
 
 
@@ -267,12 +300,18 @@ def test_candidate_batch_from_the_query_row_equals_the_full_rows(
     store.load_dataset(ds)
     online = OnlineFeatures(samples.vocabs, samples.spec)
     cands = ["i01", "i05", "i39", "nope", "i11", "i05", "i07"]
-    for user in ["u01", "u02", "u24", "ghost"]:
+    # the request time cuts a history (later behaviours are not history) or keeps it whole
+    for user, ts in itertools.product(["u01", "u02", "u24", "ghost"], [1_700_012_000,
+                                                                      1_800_000_000]):
         snap = store.snapshot(user)
         items = store.items(online.item_ids_needed(snap, cands))
-        query = online.tensors(online.rows(snap, items, ["i02"], 1_800_000_000))
+        query = online.tensors(online.rows(snap, items, ["i02"], ts))
+        fast = online.query_row(snap, items, "i02", ts)
+        assert fast.keys() == query.keys()
+        for name, t in query.items():
+            assert fast[name].dtype == t.dtype and torch.equal(fast[name], t), (user, name)
         for subset in (cands, cands[:1], cands[2:4], []):
-            want = online.tensors(online.rows(snap, items, subset, 1_800_000_000))
+            want = online.tensors(online.rows(snap, items, subset, ts))
             got = online.candidate_batch(query, items, subset)
             assert got.keys() == want.keys()
             for name, t in want.items():

@@ -120,6 +120,14 @@ def sort_events(events: pl.DataFrame) -> pl.DataFrame:
             .sort(["user_id", "timestamp", "item_id", "_row"]).drop("_row"))
 
 
+def behaviour_order(timestamps: list[int], item_ids: list[Any]) -> list[int]:
+    """The order ``sort_events`` gives ONE user's events, as positions into them: by
+    (timestamp, item id), full ties in input order. For a request's few behaviours, where a
+    frame and its sort cost more than the rest of the request's features (features/online.py);
+    tests/data/test_samples.py checks it against ``sort_events``."""
+    return sorted(range(len(timestamps)), key=lambda j: (timestamps[j], item_ids[j]))
+
+
 def history_slices(user_codes: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """For user-sorted events, the first index and length of each event's history.
 
@@ -147,12 +155,16 @@ def list_series(name: str, offsets: np.ndarray, values: np.ndarray) -> pl.Series
     return pl.Series(name, arr)
 
 
+def hour_and_weekday(ts: Any) -> tuple[Any, Any]:
+    """Hour of day and day of week (Monday = 0) of unix times, UTC: the arithmetic alone, so
+    that one definition serves Polars expressions (offline) and integers (one request)."""
+    return (ts % SECONDS_PER_DAY) // 3600, (ts // SECONDS_PER_DAY + EPOCH_WEEKDAY) % 7
+
+
 def context_columns(ts: pl.Expr) -> list[pl.Expr]:
     """Hour of day and day of week (Monday = 0) of a unix time, UTC."""
-    return [
-        ((ts % SECONDS_PER_DAY) // 3600).cast(pl.Int32).alias("hour"),
-        ((ts // SECONDS_PER_DAY + EPOCH_WEEKDAY) % 7).cast(pl.Int32).alias("dow"),
-    ]
+    hour, dow = hour_and_weekday(ts)
+    return [hour.cast(pl.Int32).alias("hour"), dow.cast(pl.Int32).alias("dow")]
 
 
 def _sample_negatives(events: pl.DataFrame, pos: pl.DataFrame, cfg: SampleConfig,
@@ -293,21 +305,31 @@ def history_columns(events: pl.DataFrame, item_enc: pl.DataFrame, vocabs: Vocabu
     """
     ev_item = events.select("item_id").join(item_enc.select("item_id", "item", "category"),
                                             on="item_id", how="left", maintain_order="left")
-    ev_item_idx = ev_item["item"].fill_null(OOV)
+    ev_item_idx = ev_item["item"].fill_null(OOV).to_numpy()
     ev_cat_idx = vocabs["category"].encode(events["category"]).to_numpy()
-    offsets, hidx = gather_lists(first, lengths)
-    ev_ts = events["timestamp"].to_numpy()
-    sample_of = np.repeat(np.arange(len(first)), lengths)
-    hist_dt = sample_ts[sample_of] - ev_ts[hidx]
+    offsets, hidx, item_idx, cat_idx, hist_dt = history_arrays(
+        ev_item_idx, ev_cat_idx, events["timestamp"].to_numpy(), first, lengths, sample_ts)
     hist = [
-        list_series("hist_item", offsets, ev_item_idx.to_numpy()[hidx].astype(np.int32)),
-        list_series("hist_cat", offsets, ev_cat_idx[hidx].astype(np.int32)),
-        list_series("hist_dt", offsets, hist_dt.astype(np.int64)),
+        list_series("hist_item", offsets, item_idx.astype(np.int32)),
+        list_series("hist_cat", offsets, cat_idx.astype(np.int32)),
+        list_series("hist_dt", offsets, hist_dt),
     ]
     if raw_history:
         raw_ids = events["item_id"].to_numpy()[hidx]
         hist.append(list_series("hist_item_id", offsets, raw_ids))
     return hist
+
+
+def history_arrays(ev_item_idx: np.ndarray, ev_cat_idx: np.ndarray, ev_ts: np.ndarray,
+                   first: np.ndarray, lengths: np.ndarray, sample_ts: np.ndarray
+                   ) -> tuple[np.ndarray, ...]:
+    """``history_columns`` on encoded event arrays: offsets (n+1,), the flat event indices, and
+    flat ``hist_item``, ``hist_cat`` codes and ``hist_dt`` (int64 seconds) of every sample's
+    history ``[first[j], first[j] + lengths[j])``; one request calls it without frames."""
+    offsets, hidx = gather_lists(first, lengths)
+    sample_of = np.repeat(np.arange(len(first)), lengths)
+    hist_dt = (sample_ts[sample_of] - ev_ts[hidx]).astype(np.int64)
+    return offsets, hidx, ev_item_idx[hidx], ev_cat_idx[hidx], hist_dt
 
 
 def assemble_rows(samples: pl.DataFrame, user_enc: pl.DataFrame, item_enc: pl.DataFrame,

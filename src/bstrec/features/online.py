@@ -28,10 +28,13 @@ import torch
 
 from bstrec.data.samples import (
     assemble_rows,
+    behaviour_order,
     encode_items,
     encode_users,
+    history_arrays,
     history_columns,
     history_slices,
+    hour_and_weekday,
     list_series,
     sort_events,
 )
@@ -39,7 +42,9 @@ from bstrec.features.spec import OOV, FeatureSpec
 from bstrec.features.store import Features, FeatureStore, ItemId, UserId, UserSnapshot, check_id
 from bstrec.features.vocab import Vocabularies
 from bstrec.ranking.request import broadcast, item_names
-from bstrec.training.tensors import Batch, pad_lists, to_tensors
+from bstrec.training.tensors import Batch, history_tensors, pad_flat, to_tensors
+
+I64 = np.ndarray
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,15 @@ def _dtype(values: Sequence[UserId | ItemId]) -> pl.DataType:
     return pl.String() if values and isinstance(values[0], str) else pl.Int64()
 
 
+@dataclass(frozen=True)
+class _ItemCodes:
+    """One item's encode_items codes as arrays: categorical columns (``item``, ``category``,
+    ``item_<f>``) in spec order, and each multi-hot column's codes."""
+
+    cats: I64
+    multi: tuple[I64, ...]
+
+
 class OnlineFeatures:
     """Encodes requests exactly as ``build_samples`` encodes samples (same vocabularies, spec)."""
 
@@ -98,10 +112,19 @@ class OnlineFeatures:
         # from and reused only while the store returns the same features: encoding is most of a
         # request's cost, and the catalogue and profiles change rarely.
         self.cache_size = cache_size
-        self._items: OrderedDict[ItemId, tuple[Features, tuple[Any, ...]]] = OrderedDict()
+        self._items: OrderedDict[ItemId, tuple[Features, tuple[Any, ...], _ItemCodes]] = \
+            OrderedDict()
         self._item_schema: dict[str, pl.DataType] | None = None
         self._users: OrderedDict[UserId, tuple[Features | None, pl.DataFrame]] = OrderedDict()
+        self._user_codes: OrderedDict[UserId, tuple[Features | None, I64]] = OrderedDict()
+        self._values: OrderedDict[tuple[Any, ...], int] = OrderedDict()  # see _user_code
         self._lock = threading.Lock()
+        feats = spec.features
+        self.item_cats = tuple(f.name for f in feats if f.group == "item" and f.kind == "categorical")
+        self.item_multis = tuple(f.name for f in feats if f.group == "item" and f.kind == "multi")
+        self.user_cats = tuple(f.name for f in feats if f.group == "user")
+        if any(f.kind != "categorical" for f in feats if f.group != "item"):
+            raise ValueError("multi-hot features are item features only (data/samples.py)")
 
     def item_ids_needed(self, snapshot: UserSnapshot, candidates: Sequence[ItemId]) -> list[ItemId]:
         """The items whose features a request reads: the candidates and the history's items."""
@@ -165,24 +188,43 @@ class OnlineFeatures:
     def _encoded_items(self, ids: list[ItemId], items: Mapping[ItemId, Features],
                        dtype: pl.DataType) -> pl.DataFrame:
         """encode_items over ``ids``, encoding only the items not cached with these features."""
-        rows: dict[ItemId, tuple[Any, ...]] = {}
+        rows, enc = self._item_rows(ids, items, dtype)
+        if enc is not None and enc.height == len(ids):
+            return enc
+        assert self._item_schema is not None
+        return _frame_from_rows([rows[i][0] for i in ids], self._item_schema | {"item_id": dtype})
+
+    def _item_rows(self, ids: list[ItemId], items: Mapping[ItemId, Features], dtype: pl.DataType
+                   ) -> tuple[dict[ItemId, tuple[tuple[Any, ...], _ItemCodes]], pl.DataFrame | None]:
+        """Each of ``ids``' encode_items row and its codes as arrays (cached while the store
+        returns the same features), and the frame encode_items gave for the missing ones."""
+        rows: dict[ItemId, tuple[tuple[Any, ...], _ItemCodes]] = {}
         with self._lock:
             for i in ids:
                 hit = self._items.get(i)
                 if hit is not None and hit[0] == items[i]:
-                    rows[i] = hit[1]
+                    rows[i] = hit[1], hit[2]
                     self._items.move_to_end(i)
         missing = [i for i in ids if i not in rows]
-        schema = self._item_schema
-        if missing or schema is None:
-            enc = encode_items(self._items_frame(missing, items, dtype), self.columns, self.vocabs)
-            self._item_schema = schema = dict(enc.schema)
-            for i, row in zip(missing, enc.iter_rows(), strict=True):
-                rows[i] = row
-                self._remember(self._items, i, (items[i], row))
-            if len(missing) == len(ids):
-                return enc
-        return _frame_from_rows([rows[i] for i in ids], schema | {"item_id": dtype})
+        if not missing and self._item_schema is not None:
+            return rows, None
+        enc = encode_items(self._items_frame(missing, items, dtype), self.columns, self.vocabs)
+        self._item_schema = dict(enc.schema)
+        pos = {c: k for k, c in enumerate(enc.columns)}
+        for i, row in zip(missing, enc.iter_rows(), strict=True):
+            codes = _ItemCodes(np.array([row[pos[n]] for n in self.item_cats], dtype=np.int64),
+                               tuple(np.array(row[pos[n]] or [], dtype=np.int64)
+                                     for n in self.item_multis))
+            rows[i] = row, codes
+            self._remember(self._items, i, (items[i], row, codes))
+        return rows, enc
+
+    def warm(self, items: Mapping[ItemId, Features]) -> None:
+        """Encode a catalogue's items at once (a bundle's, at start), so that requests find
+        them cached as long as the store returns the same features."""
+        ids = list(items)
+        if ids:
+            self._item_rows(ids, items, _dtype(ids))
 
     def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         if self.cache_size <= 0:
@@ -229,29 +271,100 @@ class OnlineFeatures:
     def item_inputs(self, items: Mapping[ItemId, Features], candidates: Sequence[ItemId]) -> Batch:
         """The candidates' target-item columns of the batch contract (``item``, ``category``,
         item features; multi-hot as wide as the longest list), as ``rows`` + ``tensors`` encode
-        them; an item missing from ``items`` is out of vocabulary."""
+        them (the same encoder, cached as arrays); an item missing from ``items`` is out of
+        vocabulary."""
         for c in candidates:
             check_id(c, "candidate item_id")
-        n = len(candidates)
-        item_dtype = _dtype(list(candidates))
-        enc = self._encoded_items([i for i in dict.fromkeys(candidates) if i in items], items,
-                                  item_dtype)
-        item_feats = [f for f in self.spec.features if f.group == "item"]
-        # rows' join and null filling, on the item columns alone
-        frame = pl.DataFrame({"item_id": pl.Series(list(candidates), dtype=item_dtype)}).join(
-            enc, on="item_id", how="left", maintain_order="left").with_columns(
-            *[pl.col(f.name).fill_null(OOV if f.kind == "categorical" else [])
-              for f in item_feats])
-        batch: Batch = {}
-        for f in item_feats:
-            if f.kind == "categorical":
-                batch[f.name] = torch.from_numpy(frame[f.name].to_numpy().astype(np.int64))
-            else:  # multi-hot: the width to_tensors gives, the longest list of the batch
-                longest = frame[f.name].list.len().max() if n else None
-                width = max(1, int(longest or 1))  # type: ignore[arg-type]
-                batch[f.name] = torch.from_numpy(pad_lists(frame[f.name], width,
-                                                           right_align=False))
-        return batch
+        present = [i for i in dict.fromkeys(candidates) if i in items]
+        codes = {i: rc[1] for i, rc in self._item_rows(present, items, _dtype(present))[0].items()} \
+            if present else {}
+        # rows' left join and null filling: OOV codes and empty lists for unknown items
+        absent = _ItemCodes(np.full(len(self.item_cats), OOV, dtype=np.int64),
+                            tuple(np.zeros(0, dtype=np.int64) for _ in self.item_multis))
+        per = [codes.get(c, absent) for c in candidates]
+        cats = np.stack([p.cats for p in per]) if per else \
+            np.zeros((0, len(self.item_cats)), dtype=np.int64)
+        batch: Batch = {n: torch.from_numpy(cats[:, k].copy()) for k, n in enumerate(self.item_cats)}
+        for k, n in enumerate(self.item_multis):
+            lists = [p.multi[k] for p in per]
+            lengths = np.array([len(v) for v in lists], dtype=np.int64)
+            flat = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+            # the width to_tensors gives: the longest list of the batch, at least 1
+            width = max(1, int(lengths.max())) if len(lengths) else 1
+            batch[n] = torch.from_numpy(pad_flat(lengths, flat, width, right_align=False))
+        return {f.name: batch[f.name] for f in self.spec.features if f.name in batch}
+
+    def query_row(self, snapshot: UserSnapshot, items: Mapping[ItemId, Features], probe: ItemId,
+                  request_ts: int) -> Batch:
+        """``tensors(rows(snapshot, items, [probe], request_ts))`` without frames: the user's
+        one row (history, profile, context; ``probe`` as its target) by the offline builder's
+        helpers on arrays: ``behaviour_order``, ``history_slices``, ``history_arrays``,
+        ``hour_and_weekday``, the cached ``encode_items`` / ``encode_users`` codes and
+        ``history_tensors``. Equal to the frame path (tests/features/test_online.py)."""
+        kept = [b for b in snapshot.behaviours if b.timestamp <= request_ts]
+        order = behaviour_order([b.timestamp for b in kept], [b.item_id for b in kept])
+        events = [kept[j] for j in order]
+        n = len(events)
+        first, lengths = history_slices(np.zeros(n + 1, dtype=np.int64), self.spec.max_len)
+        hist = events[first[n]:first[n] + lengths[n]]
+        ids = [b.item_id for b in hist]
+        present = [i for i in dict.fromkeys(ids) if i in items]
+        codes = {i: rc[1] for i, rc in self._item_rows(present, items, _dtype(present))[0].items()} \
+            if present else {}
+        item_pos = self.item_cats.index("item")
+        ev_item = np.array([codes[i].cats[item_pos] if i in codes else OOV for i in ids],
+                           dtype=np.int64)
+        cat_index = self.vocabs["category"].index
+        ev_cat = np.array([OOV if b.category is None else cat_index.get(b.category, OOV)
+                           for b in hist], dtype=np.int64)
+        ev_ts = np.array([b.timestamp for b in hist], dtype=np.int64)
+        _, _, h_item, h_cat, h_dt = history_arrays(
+            ev_item, ev_cat, ev_ts, np.zeros(1, dtype=np.int64), lengths[n:],
+            np.full(1, request_ts, dtype=np.int64))
+        hour, dow = hour_and_weekday(request_ts)
+        out: Batch = dict(zip(self.user_cats, torch.from_numpy(self._user_row(snapshot))[:, None],
+                              strict=True))
+        out |= self.item_inputs(items, [probe])
+        out["hour"] = torch.tensor([self.vocabs["hour"].index.get(hour, OOV)])
+        out["dow"] = torch.tensor([self.vocabs["dow"].index.get(dow, OOV)])
+        batch = {f.name: out[f.name] for f in self.spec.features}
+        return batch | history_tensors(lengths[n:].astype(np.int64), h_item, h_cat, h_dt,
+                                       self.spec.max_len)
+
+    def _user_row(self, snapshot: UserSnapshot) -> I64:
+        """(n_user_features,) codes of the user's columns as ``rows`` joins them: the profile
+        encoded by encode_users, everything OOV for a user absent from the store's profiles."""
+        user, profile = snapshot.user_id, snapshot.profile
+        with self._lock:
+            hit = self._user_codes.get(user)
+            if hit is not None and hit[0] == profile:
+                self._user_codes.move_to_end(user)
+                return hit[1]
+        codes = np.full(len(self.user_cats), OOV, dtype=np.int64)
+        if profile is not None:
+            for k, name in enumerate(self.user_cats):
+                raw = user if name == "user" else profile.get(name.removeprefix("user_"))
+                codes[k] = self._user_code(name, raw, user)
+        self._remember(self._user_codes, user, (profile, codes))
+        return codes
+
+    def _user_code(self, name: str, raw: Any, user: UserId) -> int:
+        """encode_users' code of one value of user column ``name``, memoised by (column, type,
+        value): the encoder (a cast and a vocabulary lookup) maps values one by one, so one
+        call per distinct value gives what it gives inside any user's row."""
+        key = (name, type(raw), raw) if isinstance(raw, int | str | float | None) else None
+        with self._lock:
+            hit = self._values.get(key) if key is not None else None
+        if hit is not None:
+            return hit
+        feature = name.removeprefix("user_")
+        one = pl.DataFrame({"user_id": pl.Series([user], dtype=_dtype([user]))}
+                           | ({} if name == "user" else {feature: [raw]}))
+        cols = FeatureColumns(() if name == "user" else (feature,), (), ())
+        code = int(encode_users(one, cols, self.vocabs)[name][0])
+        if key is not None:
+            self._remember(self._values, key, code)
+        return code
 
     def rows_from_store(self, store: FeatureStore, user_id: UserId, candidates: Sequence[ItemId],
                         request_ts: int) -> pl.DataFrame:

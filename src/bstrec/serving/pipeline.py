@@ -167,6 +167,7 @@ class Pipeline:
         self.guard = guard
         self.clock = clock
         self.features = OnlineFeatures(bundle.vocabs, bundle.spec)
+        self.features.warm(bundle.items)  # the catalogue's codes, before the first request
         self.matcher = OnlineMatcher(bundle)
         self.item_vocab = bundle.vocabs["item_id"]
         # the query row's target: any real item (retrieval reads the history, profile and
@@ -247,7 +248,7 @@ class Pipeline:
 
         items = self._items(self.features.item_ids_needed(snapshot, [self.probe_item]),
                             reasons, use_store)
-        row = self.features.tensors(self.features.rows(snapshot, items, [self.probe_item], ts))
+        row = self.features.query_row(snapshot, items, self.probe_item, ts)
         seen_raw = {b.item_id for b in snapshot.behaviours}
         seen = np.array([i for i in self.item_vocab.encode_values(seen_raw) if i >= N_RESERVED],
                         dtype=np.int64)

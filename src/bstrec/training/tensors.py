@@ -33,8 +33,13 @@ def pad_lists(col: pl.Series, width: int, *, right_align: bool, dtype: type = np
     """(N,) list column -> (N, width) array, 0-padded; keeps the LAST ``width`` entries."""
     lengths = col.list.len().to_numpy().astype(np.int64)
     flat: np.ndarray = col.explode().drop_nulls().to_numpy().astype(dtype)
+    return pad_flat(lengths, flat, width, right_align=right_align)
+
+
+def pad_flat(lengths: np.ndarray, flat: np.ndarray, width: int, *, right_align: bool) -> np.ndarray:
+    """``pad_lists`` on lists given as their lengths (N,) and concatenated values."""
     n = len(lengths)
-    out: np.ndarray = np.zeros((n, width), dtype=dtype)
+    out: np.ndarray = np.zeros((n, width), dtype=flat.dtype)
     if flat.size == 0:
         return out
     ends = np.cumsum(lengths)
@@ -49,6 +54,20 @@ def pad_lists(col: pl.Series, width: int, *, right_align: bool, dtype: type = np
     return out
 
 
+def history_tensors(lengths: np.ndarray, hist_item: np.ndarray, hist_cat: np.ndarray,
+                    hist_dt: np.ndarray, max_len: int) -> Batch:
+    """Histories as lengths (N,) and flat values -> the contract's right-aligned ``hist_*``
+    (N, L) tensors, mask and time buckets."""
+    L = max_len
+    t: Batch = {name: torch.from_numpy(pad_flat(lengths, flat.astype(np.int64), L, right_align=True))
+                for name, flat in (("hist_item", hist_item), ("hist_cat", hist_cat),
+                                   ("hist_dt", hist_dt))}
+    mask = np.arange(L)[None, :] >= (L - np.minimum(lengths, L))[:, None]
+    t["hist_mask"] = torch.from_numpy(mask)
+    t["hist_pos"] = torch.from_numpy(np.where(mask, time_bucket_np(t["hist_dt"].numpy()), 0))
+    return t
+
+
 def to_tensors(frame: pl.DataFrame, spec: FeatureSpec) -> Batch:
     """Encoded sample rows (see features/spec.py) -> the batch contract above."""
     t: Batch = {}
@@ -58,13 +77,10 @@ def to_tensors(frame: pl.DataFrame, spec: FeatureSpec) -> Batch:
         else:
             width = max(1, int(frame[f.name].list.len().max() or 1))  # type: ignore[arg-type]
             t[f.name] = torch.from_numpy(pad_lists(frame[f.name], width, right_align=False))
-    L = spec.max_len
-    for name in ("hist_item", "hist_cat", "hist_dt"):
-        t[name] = torch.from_numpy(pad_lists(frame[name], L, right_align=True))
-    lengths = np.minimum(frame["hist_item"].list.len().to_numpy(), L)
-    mask = np.arange(L)[None, :] >= (L - lengths)[:, None]
-    t["hist_mask"] = torch.from_numpy(mask)
-    t["hist_pos"] = torch.from_numpy(np.where(mask, time_bucket_np(t["hist_dt"].numpy()), 0))
+    item, cat, dt = (frame[name].explode().drop_nulls().to_numpy()
+                     for name in ("hist_item", "hist_cat", "hist_dt"))
+    t |= history_tensors(frame["hist_item"].list.len().to_numpy().astype(np.int64), item, cat,
+                         dt, spec.max_len)
     t["label"] = torch.from_numpy(frame["label"].to_numpy().astype(np.float32))
     return t
 
