@@ -352,6 +352,13 @@ class OnlineFeatures:
         """encode_users' code of one value of user column ``name``, memoised by (column, type,
         value): the encoder (a cast and a vocabulary lookup) maps values one by one, so one
         call per distinct value gives what it gives inside any user's row."""
+        vocab = self.vocabs["user_id" if name == "user" else name]
+        same_type = bool(vocab.values) and type(raw) in (int, str) \
+            and type(raw) is type(vocab.values[0])
+        if same_type and (name == "user" or type(raw) is str):
+            # the encoder's cast is then a no-op (profile values are cast to strings, the id to
+            # the vocabulary's type) and what remains is this lookup
+            return vocab.index.get(raw, OOV)
         key = (name, type(raw), raw) if isinstance(raw, int | str | float | None) else None
         with self._lock:
             hit = self._values.get(key) if key is not None else None

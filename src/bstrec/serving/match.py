@@ -28,14 +28,22 @@ PATHS = {COLD: "cold", FEW: "few"}
 
 @dataclass
 class Matched:
-    """Merged candidates of one request: ``ids`` (K,) item indices in merged order, ``sources``
-    (K,) source names of each, ``path`` the cold-start route taken."""
+    """Merged candidates of one request: ``ids`` (K,) item indices in merged order,
+    ``source_bits`` (K,) which sources proposed each (bit b = ``names[b]``; ``sources(k)``
+    spells them out, for the few candidates a response returns), ``path`` the cold-start route
+    taken."""
 
     ids: I64
-    sources: list[tuple[str, ...]]
+    source_bits: I64
+    names: tuple[str, ...]
     path: str
     per_source: dict[str, int]
     user_vector: F32 | None  # (D,) two-tower vector, computed once for match and pre-rank
+
+    def sources(self, k: int) -> tuple[str, ...]:
+        """The names of the sources that proposed candidate ``k``."""
+        bits = int(self.source_bits[k])
+        return tuple(n for b, n in enumerate(self.names) if bits >> b & 1)
 
 
 class OnlineMatcher:
@@ -59,10 +67,9 @@ class OnlineMatcher:
         lists = self.generator.source_lists(queries, rows, user_vectors=u)
         merged = self.generator.merge_rows(queries, rows, lists)
         keep = np.flatnonzero(merged.ids[0] >= 0)
-        sources = [tuple(merged.source_names(0, int(c))) for c in keep]
         per_source = {n: int(merged.from_source(n)[0, keep].sum()) for n in merged.names}
         path = PATHS.get(int(route(row["hist_mask"], self.generator.config.cold)[0]), "regular")
-        return Matched(merged.ids[0, keep], sources, path,
+        return Matched(merged.ids[0, keep], merged.sources[0, keep], merged.names, path,
                        {n: c for n, c in per_source.items() if c}, None if u is None else u[0])
 
     def prerank(self, matched: Matched) -> F32:

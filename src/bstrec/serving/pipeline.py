@@ -278,16 +278,18 @@ class Pipeline:
         watch.lap("rank")
 
         version = self.version
-        ranked = [RecommendedItem(item_id=c, score=float(scores[j]),
-                                  prerank_score=float(pre[order[j]]),
-                                  sources=matched.sources[order[j]],
-                                  category=self._category(items.get(c)), model_version=version,
-                                  title=self._title(c))
-                  for j, c in enumerate(cands)]
-        ranked.sort(key=lambda r: -r.score)
-        final = apply_rules(ranked, k, item_of=lambda r: r.item_id,
-                            category_of=lambda r: r.category, seen=seen_raw,
-                            max_per_category=self.bundle.config.max_per_category)
+        # best first, ties in pre-rank order (a stable sort, as sorting the items was); the
+        # rules read ids and categories, and only the k kept become response items
+        best = np.argsort(-scores, kind="stable")
+        kept = apply_rules(best.tolist(), k, item_of=lambda j: cands[j],
+                           category_of=lambda j: self._category(items.get(cands[j])),
+                           seen=seen_raw, max_per_category=self.bundle.config.max_per_category)
+        final = [RecommendedItem(item_id=cands[j], score=float(scores[j]),
+                                 prerank_score=float(pre[order[j]]),
+                                 sources=matched.sources(int(order[j])),
+                                 category=self._category(items.get(cands[j])),
+                                 model_version=version, title=self._title(cands[j]))
+                 for j in kept]
         watch.lap("rules")
         return Recommendation(
             user_id=user, items=final, model_version=version, request_time=ts,
