@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import random
 import threading
@@ -21,6 +22,7 @@ from bstrec.features.store import (
     StoreUnavailable,
     id_key,
     key_id,
+    loads_features,
     open_store,
     order_key,
 )
@@ -257,3 +259,18 @@ def test_store_config_rejects_bad_values() -> None:
         from_dict(StoreConfig, {"max_events": 0})
     with pytest.raises(ConfigError):
         from_dict(StoreConfig, {"backend": "memcached"})
+
+
+def test_item_reads_follow_updates_and_hand_out_copies(make_store: StoreFactory) -> None:
+    """Item features are parsed once per stored text (loads_features): an update is read back,
+    and a caller changing a returned dict changes nothing for the next reader."""
+    store, _ = make_store()
+    store.put_items({1: {"category": "a", "tags": ["x"]}, 2: {"category": "a", "tags": ["x"]}})
+    first = store.items([1, 2])
+    assert first == {1: {"category": "a", "tags": ["x"]}, 2: {"category": "a", "tags": ["x"]}}
+    first[1]["category"] = "changed by a caller"
+    assert store.items([1])[1]["category"] == "a"
+    store.put_items({1: {"category": "b", "tags": []}})
+    assert store.items([1, 2]) == {1: {"category": "b", "tags": []},
+                                   2: {"category": "a", "tags": ["x"]}}
+    assert loads_features('{"a":1}') == json.loads('{"a":1}')

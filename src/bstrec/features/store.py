@@ -20,6 +20,7 @@ again at once (``append`` returns False for it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -145,6 +146,19 @@ def key_id(key: str) -> UserId | ItemId:
 def dumps(obj: object) -> str:
     # default=str: a date attribute becomes its ISO text, which is what encoding casts it to anyway
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def loads_features(text: str | bytes) -> Features:
+    """An item's stored JSON -> its features. Every request reads a few hundred items whose
+    text rarely changes, so parses are memoised by the text (a changed item has another text,
+    so it is parsed anew); the dict is a copy, values such as lists are shared: read-only."""
+    return dict(_parse(text))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse(text: str | bytes) -> Features:
+    out: Features = json.loads(text)
+    return out
 
 
 class FeatureStore(ABC):

@@ -27,6 +27,7 @@ from bstrec.features.store import (
     UserSnapshot,
     chunks,
     dumps,
+    loads_features,
 )
 
 _SCHEMA = """
@@ -163,7 +164,7 @@ class EmbeddedStore(FeatureStore):
                 for item, feats in cur.execute(
                         "SELECT item_id, features FROM items "
                         "WHERE item_id IN (SELECT value FROM json_each(?))", (json.dumps(list(part)),)):
-                    out[item] = json.loads(feats)
+                    out[item] = loads_features(feats)
         return out
 
     def ping(self) -> None:

@@ -38,6 +38,7 @@ from bstrec.features.store import (
     dumps,
     id_key,
     key_id,
+    loads_features,
 )
 
 # KEYS: seq zset, ids hash. ARGV: cap, then (event id, timestamp, item key, event id hex, JSON) per
@@ -157,7 +158,8 @@ class RedisStore(FeatureStore):
             return {}
         with self._errors():
             values = self._r.hmget(f"{self.prefix}:items", keys)
-        return {key_id(k): json.loads(v) for k, v in zip(keys, values, strict=True) if v is not None}
+        return {key_id(k): loads_features(v) for k, v in zip(keys, values, strict=True)
+                if v is not None}
 
     def ping(self) -> None:
         with self._errors():
