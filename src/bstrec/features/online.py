@@ -91,11 +91,14 @@ def _dtype(values: Sequence[UserId | ItemId]) -> pl.DataType:
 
 @dataclass(frozen=True)
 class _ItemCodes:
-    """One item's encode_items codes as arrays: categorical columns (``item``, ``category``,
+    """One item's encode_items codes: categorical columns (``item``, ``category``,
     ``item_<f>``) in spec order, and each multi-hot column's codes."""
 
-    cats: I64
-    multi: tuple[I64, ...]
+    cats: tuple[int, ...]
+    multi: tuple[tuple[int, ...], ...]
+
+
+_ItemEntry = tuple[Features, tuple[Any, ...], _ItemCodes]  # features, encode_items row, codes
 
 
 class OnlineFeatures:
@@ -112,8 +115,7 @@ class OnlineFeatures:
         # from and reused only while the store returns the same features: encoding is most of a
         # request's cost, and the catalogue and profiles change rarely.
         self.cache_size = cache_size
-        self._items: OrderedDict[ItemId, tuple[Features, tuple[Any, ...], _ItemCodes]] = \
-            OrderedDict()
+        self._items: OrderedDict[ItemId, _ItemEntry] = OrderedDict()
         self._item_schema: dict[str, pl.DataType] | None = None
         self._users: OrderedDict[UserId, tuple[Features | None, pl.DataFrame]] = OrderedDict()
         self._user_codes: OrderedDict[UserId, tuple[Features | None, I64]] = OrderedDict()
@@ -192,18 +194,18 @@ class OnlineFeatures:
         if enc is not None and enc.height == len(ids):
             return enc
         assert self._item_schema is not None
-        return _frame_from_rows([rows[i][0] for i in ids], self._item_schema | {"item_id": dtype})
+        return _frame_from_rows([rows[i][1] for i in ids], self._item_schema | {"item_id": dtype})
 
     def _item_rows(self, ids: list[ItemId], items: Mapping[ItemId, Features], dtype: pl.DataType
-                   ) -> tuple[dict[ItemId, tuple[tuple[Any, ...], _ItemCodes]], pl.DataFrame | None]:
-        """Each of ``ids``' encode_items row and its codes as arrays (cached while the store
-        returns the same features), and the frame encode_items gave for the missing ones."""
-        rows: dict[ItemId, tuple[tuple[Any, ...], _ItemCodes]] = {}
+                   ) -> tuple[dict[ItemId, _ItemEntry], pl.DataFrame | None]:
+        """Each of ``ids``' cache entry (features, encode_items row, codes), cached while the
+        store returns the same features, and the frame encode_items gave for the missing ones."""
+        rows: dict[ItemId, _ItemEntry] = {}
         with self._lock:
             for i in ids:
                 hit = self._items.get(i)
                 if hit is not None and hit[0] == items[i]:
-                    rows[i] = hit[1], hit[2]
+                    rows[i] = hit
                     self._items.move_to_end(i)
         missing = [i for i in ids if i not in rows]
         if not missing and self._item_schema is not None:
@@ -212,12 +214,17 @@ class OnlineFeatures:
         self._item_schema = dict(enc.schema)
         pos = {c: k for k, c in enumerate(enc.columns)}
         for i, row in zip(missing, enc.iter_rows(), strict=True):
-            codes = _ItemCodes(np.array([row[pos[n]] for n in self.item_cats], dtype=np.int64),
-                               tuple(np.array(row[pos[n]] or [], dtype=np.int64)
-                                     for n in self.item_multis))
-            rows[i] = row, codes
-            self._remember(self._items, i, (items[i], row, codes))
+            codes = _ItemCodes(tuple(row[pos[n]] for n in self.item_cats),
+                               tuple(tuple(row[pos[n]] or ()) for n in self.item_multis))
+            rows[i] = entry = (items[i], row, codes)
+            self._remember(self._items, i, entry)
         return rows, enc
+
+    def _item_codes(self, ids: Sequence[ItemId], items: Mapping[ItemId, Features]
+                    ) -> dict[ItemId, _ItemEntry]:
+        """The cache entries of those of ``ids`` that ``items`` holds (encoded if need be)."""
+        present = [i for i in dict.fromkeys(ids) if i in items]
+        return self._item_rows(present, items, _dtype(present))[0] if present else {}
 
     def warm(self, items: Mapping[ItemId, Features]) -> None:
         """Encode a catalogue's items at once (a bundle's, at start), so that requests find
@@ -275,20 +282,17 @@ class OnlineFeatures:
         vocabulary."""
         for c in candidates:
             check_id(c, "candidate item_id")
-        present = [i for i in dict.fromkeys(candidates) if i in items]
-        codes = {i: rc[1] for i, rc in self._item_rows(present, items, _dtype(present))[0].items()} \
-            if present else {}
+        entries = self._item_codes(candidates, items)
         # rows' left join and null filling: OOV codes and empty lists for unknown items
-        absent = _ItemCodes(np.full(len(self.item_cats), OOV, dtype=np.int64),
-                            tuple(np.zeros(0, dtype=np.int64) for _ in self.item_multis))
-        per = [codes.get(c, absent) for c in candidates]
-        cats = np.stack([p.cats for p in per]) if per else \
-            np.zeros((0, len(self.item_cats)), dtype=np.int64)
+        absent = _ItemCodes((OOV,) * len(self.item_cats), ((),) * len(self.item_multis))
+        per = [entries[c][2] if c in entries else absent for c in candidates]
+        cats = np.array([p.cats for p in per], dtype=np.int64).reshape(len(per), len(self.item_cats))
         batch: Batch = {n: torch.from_numpy(cats[:, k].copy()) for k, n in enumerate(self.item_cats)}
         for k, n in enumerate(self.item_multis):
             lists = [p.multi[k] for p in per]
-            lengths = np.array([len(v) for v in lists], dtype=np.int64)
-            flat = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64,
+                               count=int(lengths.sum()))
             # the width to_tensors gives: the longest list of the batch, at least 1
             width = max(1, int(lengths.max())) if len(lengths) else 1
             batch[n] = torch.from_numpy(pad_flat(lengths, flat, width, right_align=False))
@@ -308,11 +312,9 @@ class OnlineFeatures:
         first, lengths = history_slices(np.zeros(n + 1, dtype=np.int64), self.spec.max_len)
         hist = events[first[n]:first[n] + lengths[n]]
         ids = [b.item_id for b in hist]
-        present = [i for i in dict.fromkeys(ids) if i in items]
-        codes = {i: rc[1] for i, rc in self._item_rows(present, items, _dtype(present))[0].items()} \
-            if present else {}
+        entries = self._item_codes(ids, items)
         item_pos = self.item_cats.index("item")
-        ev_item = np.array([codes[i].cats[item_pos] if i in codes else OOV for i in ids],
+        ev_item = np.array([entries[i][2].cats[item_pos] if i in entries else OOV for i in ids],
                            dtype=np.int64)
         cat_index = self.vocabs["category"].index
         ev_cat = np.array([OOV if b.category is None else cat_index.get(b.category, OOV)
