@@ -15,7 +15,7 @@ Notation: Q queries, N catalog size, k list length.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,25 +92,36 @@ class CandidateGenerator:
         return top_k(s, k, seen)[1].numpy()
 
     def source_lists(self, queries: QuerySet, rows: I64, k: int | None = None, *,
-                     user_vectors: F32 | None = None) -> dict[str, I64]:
+                     user_vectors: F32 | None = None,
+                     only: Collection[str] | None = None) -> dict[str, I64]:
         """Each available source's top k (default ``source_k``) for ``rows``: (q, k), -1 = none.
-        ``user_vectors``: the rows' two-tower vectors when the caller has them already."""
+        ``user_vectors``: the rows' two-tower vectors when the caller has them already;
+        ``only``: the sources wanted (default all; one request needs only its route's)."""
         k = k or self.config.source_k
+        wanted = set(SOURCES if only is None else only)
         batch = queries.data.batch(torch.from_numpy(rows))
         seen = queries.seen_mask(rows, self.catalog.size)
         out: dict[str, I64] = {}
-        if self.model is not None and self.index is not None:
+        if self.model is not None and self.index is not None and "two_tower" in wanted:
             u = self.user_vectors(batch) if user_vectors is None else user_vectors
             out["two_tower"] = self._two_tower(u, seen, k)
-        if self.item_cf is not None:
+        if self.item_cf is not None and "item_cf" in wanted:
             out["item_cf"] = self._dense(self.item_cf.scores(batch["hist_item"],
                                                              batch["hist_mask"]), seen, k)
-        if self.popular is not None:
+        if self.popular is not None and "popular" in wanted:
             ctx = self.popular.context_scores(self.popular.segment_of(batch))
             out["popular"] = self._dense(torch.from_numpy(ctx).float(), seen, k)
+        if self.popular is not None and "category" in wanted:
             out["category"] = self._dense(category_scores(
                 self.popular, batch["hist_cat"], batch["hist_mask"]), seen, k)
         return out
+
+    def plans(self) -> dict[int, dict[str, int]]:
+        """Cold-start route (coldstart.py) -> the quotas of the sources merged for it."""
+        cfg = self.config
+        total = cfg.total
+        return {REGULAR: dict(cfg.quotas), FEW: cfg.cold.few_quotas(total),
+                COLD: {"popular": total}}
 
     # -- merge -----------------------------------------------------------------------------
     def merge_rows(self, queries: QuerySet, rows: I64, lists: dict[str, I64]) -> Candidates:
@@ -120,9 +131,7 @@ class CandidateGenerator:
         paths = route(queries.data.tensors["hist_mask"][torch.from_numpy(rows)], cfg.cold)
         ids = np.full((len(rows), total), -1, dtype=np.int64)
         src = np.zeros((len(rows), total), dtype=np.int64)
-        plans = {REGULAR: dict(cfg.quotas), FEW: cfg.cold.few_quotas(total),
-                 COLD: {"popular": total}}
-        for path, quotas in plans.items():
+        for path, quotas in self.plans().items():
             sel = np.flatnonzero(paths == path)
             if not len(sel):
                 continue

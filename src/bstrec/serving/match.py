@@ -63,12 +63,16 @@ class OnlineMatcher:
                            seen_offsets=np.array([0, len(seen)], dtype=np.int64),
                            seen_items=np.asarray(seen, dtype=np.int64))
         rows = np.zeros(1, dtype=np.int64)
+        # pre-rank reads the two-tower vector on every route
         u = self.generator.user_vectors(row) if self.bundle.two_tower is not None else None
-        lists = self.generator.source_lists(queries, rows, user_vectors=u)
+        route_id = int(route(row["hist_mask"], self.generator.config.cold)[0])
+        # only the sources this route merges: the others' lists would be dropped by the merge
+        lists = self.generator.source_lists(queries, rows, user_vectors=u,
+                                            only=self.generator.plans()[route_id])
         merged = self.generator.merge_rows(queries, rows, lists)
         keep = np.flatnonzero(merged.ids[0] >= 0)
         per_source = {n: int(merged.from_source(n)[0, keep].sum()) for n in merged.names}
-        path = PATHS.get(int(route(row["hist_mask"], self.generator.config.cold)[0]), "regular")
+        path = PATHS.get(route_id, "regular")
         return Matched(merged.ids[0, keep], merged.sources[0, keep], merged.names, path,
                        {n: c for n, c in per_source.items() if c}, None if u is None else u[0])
 
