@@ -74,8 +74,9 @@ class CandidateGenerator:
     def user_vectors(self, batch: dict[str, Tensor]) -> F32:
         """(q, D) two-tower user vectors of a batch (the model must be present)."""
         assert self.model is not None
-        with torch.no_grad():
+        if self.model.training:
             self.model.eval()
+        with torch.inference_mode():  # cheaper than no_grad per call; this runs per request
             u: F32 = self.model.encode_users(batch).numpy()
         return u
 

@@ -135,7 +135,7 @@ class TwoTower(nn.Module):
             seq = torch.cat([masked_mean(tok, mask), tok[:, -1]], 1)  # (B, 2d)
         parts = [seq]
         if self.user_fields is not None:
-            parts.append(self.user_fields(batch).fields.flatten(1))  # (B, F*feat_dim)
+            parts.append(self.user_fields.fields(batch).flatten(1))  # (B, F*feat_dim)
         return self._norm(self.user_mlp(torch.cat(parts, 1)))  # (B, D)
 
     def encode_items(self, items: Batch) -> Tensor:
@@ -146,7 +146,7 @@ class TwoTower(nn.Module):
             ids = torch.where(drop, torch.full_like(ids, OOV), ids)
         parts = [self.item_emb(ids)]
         if self.item_fields is not None:
-            parts.append(self.item_fields(items).fields.flatten(1))
+            parts.append(self.item_fields.fields(items).flatten(1))
         return self._norm(self.item_mlp(torch.cat(parts, 1)))  # (N, D)
 
     def forward(self, batch: Batch) -> Tensor:
