@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,13 +75,17 @@ def ensure_samples(work: Path, data_dir: str) -> Path:
     return out
 
 
-def ensure_ranker(work: Path, samples: Path, given: str | None, steps: int) -> Path:
+def ensure_ranker(work: Path, samples: Path, given: str | None, steps: int,
+                  config: dict[str, Any]) -> Path:
+    """``given``, else a BST trained here with the ``config`` overrides (one run directory per
+    distinct config, so that switching configs never serves a stale ranker)."""
     if given:
         return Path(given)
-    run = work / "ranker-bst"
+    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    run = work / ("ranker-bst" if not config else f"ranker-bst-{tag}")
     if not (run / "best").is_dir():
         niced(["--child", "ranker", "--samples", str(samples), "--out", str(run),
-               "--steps", str(steps)])
+               "--steps", str(steps), "--ranker-config", json.dumps(config)])
     return run
 
 
@@ -88,12 +96,13 @@ def ensure_two_tower(work: Path, samples: Path) -> Path:
     return out
 
 
-def child(kind: str, samples: str, out: str, steps: int) -> None:
+def child(kind: str, samples: str, out: str, steps: int, config: dict[str, Any]) -> None:
     if kind == "ranker":
         from bstrec.training.task import train_ranker
 
         train = {"max_epochs": 1, "num_threads": 2, **({"max_steps": steps} if steps else {})}
-        train_ranker("bst", samples, out, train_overrides=train, progress=False)
+        train_ranker("bst", samples, out, model_overrides=config, train_overrides=train,
+                     progress=False)
     else:
         from bstrec.data.samples import SampleSet
         from bstrec.retrieval.train import RetrieverTrainConfig, train_two_tower
@@ -109,7 +118,8 @@ def ensure_bundle(work: Path, samples: Path, ranker: Path, two_tower: Path, retr
     from bstrec.serving.config import PipelineConfig
 
     out = work / "bundle"
-    want = {"retrieved": retrieved, "ranked": ranked, "ranker": str(ranker.resolve())}
+    want = {"retrieved": retrieved, "ranked": ranked, "ranker": str(ranker.resolve()),
+            "request_graph": True}
     stamp = work / "bundle.json"
     if not rebuild and (out / "manifest.json").exists() and stamp.exists() \
             and json.loads(stamp.read_text()) == want:
@@ -126,19 +136,23 @@ def ensure_bundle(work: Path, samples: Path, ranker: Path, two_tower: Path, retr
 
 
 def int8_bundle(bundle: Path) -> Path:
-    """A copy of ``bundle`` whose ranker is dynamically quantised (int8 weights of MatMul /
-    Gemm, activations quantised per call); the manifest's hashes are rewritten to match."""
+    """A copy of ``bundle`` whose ranker graphs (batch and request-shaped) are dynamically
+    quantised (int8 weights of MatMul / Gemm, activations quantised per call); the manifest's
+    hashes are rewritten to match."""
     from onnxruntime.quantization import QuantType, quantize_dynamic  # type: ignore[import-untyped]
 
-    from bstrec.serving.bundle import MANIFEST, RANKER, _sha256
+    from bstrec.data.io import sha256_file
+    from bstrec.serving.bundle import MANIFEST, RANKER, RANKER_REQUEST
 
     out = bundle.with_name(bundle.name + "-int8")
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(bundle, out)
-    quantize_dynamic(str(bundle / RANKER), str(out / RANKER), weight_type=QuantType.QInt8)
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["files"][RANKER] = _sha256(out / RANKER)
+    for name in (RANKER, RANKER_REQUEST):
+        if name in manifest["files"]:
+            quantize_dynamic(str(bundle / name), str(out / name), weight_type=QuantType.QInt8)
+            manifest["files"][name] = sha256_file(out / name)
     manifest["version"] = manifest["version"] + "-int8"
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -202,14 +216,17 @@ def ort_levels(path: Path, feed: dict[str, np.ndarray], reps: int) -> dict[str, 
 def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: int, reps: int,
                 auc_rows: int) -> dict[str, Any]:
     """FLOPs of one forward over ``ranked`` candidates; eager and ONNX Runtime latency at 1 and
-    2 threads; AUC of each exported variant on (a prefix of) the valid split."""
+    2 threads; AUC of each exported variant on (a prefix of) the valid split. The same for the
+    request-shaped path the server runs (``request``): one valid row's user, context and
+    history with the ``ranked`` rows' items as its candidates."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from bstrec.data.samples import SampleSet
     from bstrec.evaluation.metrics import auc
     from bstrec.ranking.export import OnnxRanker
-    from bstrec.serving.bundle import RANKER
+    from bstrec.ranking.request import forward_request, item_names, shared_names
+    from bstrec.serving.bundle import RANKER, RANKER_REQUEST
     from bstrec.training.checkpoint import load_checkpoint
     from bstrec.training.tensors import TensorSplit
 
@@ -218,22 +235,58 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
     data = SampleSet.load(samples, splits=("valid",))
     valid = TensorSplit.from_frame(data.splits["valid"], data.spec)
     batch = valid.batch(torch.arange(ranked))
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(batch)
-    flops = float(fc.get_total_flops())
+    shared = {k: batch[k][:1] for k in shared_names(data.spec)}
+    items = {k: batch[k] for k in item_names(data.spec)}
+
+    def count(fn: Any) -> tuple[float, float]:
+        """Total FLOPs of ``fn()``, and those of the MLP module (embeddings are lookups). The
+        request path runs the MLP's layers one by one after its split first layer: there the
+        MLP's count is that of the layers after the first."""
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        counts = fc.get_flop_counts()
+        whole = [n for n in counts if n.endswith(".mlp")]
+        mlp = sum(counts[whole[0]].values()) if whole else \
+            sum(v for n, c in counts.items() if re.fullmatch(r".*\.mlp\.\d+", n)
+                for v in c.values())
+        return float(fc.get_total_flops()), float(mlp)
+
+    class Request(torch.nn.Module):
+        """The request path as a module call, so that FLOPs are attributed to submodules."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, s: Any, i: Any) -> Any:
+            return forward_request(self.model, s, i)
+
+    flops, mlp = count(lambda: model(batch))
+    req_flops, req_mlp = count(lambda: Request()(shared, items))
     # where the FLOPs are: the MLP, and the rest (the Transformer block; embeddings are lookups)
-    mlp = float(sum(fc.get_flop_counts().get("BST.mlp", {}).values()))
     by_module = {"mlp": mlp, "transformer_and_rest": flops - mlp}
+    config = getattr(model, "config", None)
     out: dict[str, Any] = {"flops": flops, "gflop": flops / 1e9, "candidates": ranked,
                            "flops_by_module": by_module, "latency_ms": {}, "gflops": {},
-                           "auc_valid": {}, "opt_level_ms": {}}
+                           "auc_valid": {}, "opt_level_ms": {},
+                           "config": dataclasses.asdict(config) if config is not None else None}
+    req: dict[str, Any] = {
+        "flops": req_flops, "gflop": req_flops / 1e9,
+        "flops_by_module": {"mlp": req_mlp, "transformer_and_rest": req_flops - req_mlp},
+        "shares_work": bool(getattr(model, "request_shaped", False)),
+        "latency_ms": {}, "opt_level_ms": {}, "max_abs_vs_batch_graph": {}}
     saved = torch.get_num_threads()
     with torch.no_grad():
         for t in (1, 2):
             torch.set_num_threads(t)
             out["latency_ms"][f"eager_{t}t"] = timed(lambda: model(batch), reps)
+            req["latency_ms"][f"eager_{t}t"] = timed(
+                lambda: forward_request(model, shared, items), reps)
     torch.set_num_threads(saved)
     feed = {k: v.numpy() for k, v in batch.items()}
+    req_feed = {k: v.numpy() for k, v in (shared | items).items()}
+    broadcast_feed = feed | {k: np.broadcast_to(v, (ranked, *v.shape[1:]))
+                             for k, v in req_feed.items() if k in shared}
     n = min(auc_rows, len(valid)) if auc_rows else len(valid)
     labels = valid.tensors["label"][:n].numpy()
     for name, bundle in bundles.items():
@@ -242,6 +295,15 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
             out["latency_ms"][f"onnx_{name}_{t}t"] = timed(lambda s=sess: s.predict(feed), reps)
         out["opt_level_ms"][name] = ort_levels(bundle / RANKER, feed, reps)
         sess = OnnxRanker(bundle / RANKER, threads=2)
+        if (bundle / RANKER_REQUEST).exists():
+            for t in (1, 2):
+                rs = OnnxRanker(bundle / RANKER_REQUEST, threads=t)
+                req["latency_ms"][f"onnx_{name}_{t}t"] = timed(lambda s=rs: s.predict(req_feed),
+                                                               reps)
+            req["opt_level_ms"][name] = ort_levels(bundle / RANKER_REQUEST, req_feed, reps)
+            # the AUC below is the batch graph's; the served request graph must agree with it
+            req["max_abs_vs_batch_graph"][name] = float(np.abs(
+                rs.predict(req_feed) - sess.predict(broadcast_feed)).max())
         logits = np.concatenate([sess.predict({k: v.numpy() for k, v in
                                                valid.batch(torch.arange(lo, min(lo + 4096, n))
                                                            ).items()})
@@ -249,14 +311,17 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
         out["auc_valid"][name] = auc(labels, logits)
     out["auc_valid_rows"], out["valid_rows"] = int(n), len(valid)
     out["gflops"] = {k: flops / v / 1e6 for k, v in out["latency_ms"].items()}
+    req["gflops"] = {k: req_flops / v / 1e6 for k, v in req["latency_ms"].items()}
+    out["request"] = req
     return out
 
 
 def candidate_rows_ab(bundle: Path, store_path: Path, ranked: int, n: int) -> dict[str, Any]:
     """The rank stage's input built two ways on the same requests, interleaved: the offline
-    builder's rows for every candidate (``rows`` + ``tensors``, what the pipeline did before)
-    against ``candidate_batch`` (the query row's user/history/context repeated, only item
-    columns encoded per candidate). Checks that both give identical tensors."""
+    builder's rows for every candidate (``rows`` + ``tensors``, what the pipeline did first)
+    against what it does now: the query row without frames (``query_row``) and the candidates'
+    item columns (``item_inputs``), the shared inputs going to the ranker once. Checks that
+    both give identical tensors once broadcast."""
     import torch
 
     from bstrec.features.store import StoreConfig, open_store
@@ -274,21 +339,59 @@ def candidate_rows_ab(bundle: Path, store_path: Path, ranked: int, n: int) -> di
             snap = store.snapshot(rng.randint(1, 6040))
             cands = rng.sample(catalog, ranked)
             items = store.items(f.item_ids_needed(snap, [pipe.probe_item, *cands]))
-            query = f.tensors(f.rows(snap, items, [pipe.probe_item], ts))
             t0 = time.perf_counter()
             full = f.tensors(f.rows(snap, items, cands, ts))
             t1 = time.perf_counter()
-            fast = f.candidate_batch(query, items, cands)
+            query = f.query_row(snap, items, pipe.probe_item, ts)
+            item_cols = f.item_inputs(items, cands)
             t2 = time.perf_counter()
-            if full.keys() != fast.keys() or not all(torch.equal(full[c], fast[c]) for c in full):
-                raise SystemExit("candidate_batch differs from rows() + tensors()")
+            fast = f.candidate_batch(query, items, cands)
+            if full.keys() != fast.keys() or not all(torch.equal(full[c], fast[c]) for c in full) \
+                    or not all(torch.equal(full[c], item_cols[c]) for c in item_cols):
+                raise SystemExit("query_row + item_inputs differ from rows() + tensors()")
             if k >= 10:  # the first requests fill the encoders' caches
                 before.append((t1 - t0) * 1e3)
                 after.append((t2 - t1) * 1e3)
     finally:
         store.close()
     return {"rows_tensors_ms": statistics.median(before),
-            "candidate_batch_ms": statistics.median(after), "requests": n, "identical": True}
+            "query_row_item_inputs_ms": statistics.median(after), "requests": n,
+            "identical": True}
+
+
+def in_process(bundle: Path, store_path: Path, n: int, *, warmup: int = 20,
+               seed: int = 0) -> dict[str, Any]:
+    """``Pipeline.recommend`` timed in this process, without HTTP, one thread: p50/p99 ms of
+    each stage (``timings_ms``) and of the whole call over ``n`` requests for random users of
+    the bundle's vocabulary (after ``warmup`` requests). The store is read, never written."""
+    import torch
+
+    from bstrec.features.store import StoreConfig, open_store
+    from bstrec.serving.bundle import load_bundle
+    from bstrec.serving.guard import StoreGuard
+    from bstrec.serving.pipeline import Pipeline
+
+    torch.set_num_threads(1)  # the server's default (settings.torch_threads)
+    store = open_store(StoreConfig(path=str(store_path)))
+    try:
+        pipe = Pipeline(load_bundle(bundle, verify=False), StoreGuard(store, "embedded"))
+        pipe.warmup()
+        rng = random.Random(seed)
+        users = list(pipe.bundle.vocabs["user_id"].values)
+        total: list[float] = []
+        stages: dict[str, list[float]] = {s: [] for s in STAGES}
+        for k in range(warmup + n):
+            t0 = time.perf_counter()
+            rec = pipe.recommend(rng.choice(users), k=10)
+            if k >= warmup:
+                total.append((time.perf_counter() - t0) * 1e3)
+                for s in STAGES:
+                    stages[s].append(rec.timings_ms[s])
+    finally:
+        store.close()
+    summary = {s: {"p50": pct(v, 50), "p99": pct(v, 99)} for s, v in stages.items()}
+    return {"requests": n, "total_ms": {"p50": pct(total, 50), "p99": pct(total, 99)},
+            "stages_ms": summary, "bundle": str(bundle)}
 
 
 # --- the server and the load --------------------------------------------------------------
@@ -516,6 +619,24 @@ def markdown(r: dict[str, Any]) -> str:
         a = c["auc_valid"].get(variant) if variant else None
         lines.append(f"| {k} | {ms:.1f} | {c['gflops'][k]:.1f} | "
                      f"{'' if a is None else f'{a:.4f}'} |")
+    req = c.get("request")
+    if req:
+        sharing = "work shared across candidates" if req["shares_work"] else \
+            "shared inputs broadcast, nothing shared"
+        lines += [
+            "",
+            f"Request-shaped path (what the server runs: one user's history, profile and context "
+            f"once, {c['candidates']} candidates' item columns; BST config "
+            f"`{json.dumps({k: c['config'][k] for k in ('output', 'blocks', 'mlp')})}`, "
+            f"{sharing}): {req['gflop']:.3f} GFLOP per request "
+            f"(MLP layers after the first {req['flops_by_module']['mlp'] / 1e9:.3f}); "
+            "request graph against the batch graph on the same inputs, max |logit difference| "
+            + ", ".join(f"{v} {d:.1e}" for v, d in req["max_abs_vs_batch_graph"].items()) + ".",
+            "",
+            "| runtime (request-shaped) | ms per request | GFLOP/s |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {k} | {ms:.2f} | {req['gflops'][k]:.1f} |" for k, ms in req["latency_ms"].items()]
     hz = r["servers"][r["headline"]]["healthz_ms"]
     lines += ["", f"`GET /healthz` round trip (one client, same HTTP stack, no pipeline): p50 "
               f"{hz['p50']:.1f} ms, p99 {hz['p99']:.1f} ms: the share of a request's latency that "
@@ -523,23 +644,24 @@ def markdown(r: dict[str, Any]) -> str:
     ab = r["candidate_rows"]
     lines += [
         "",
-        f"Rank-stage input for {r['ranked']} candidates, median over {ab['requests']} requests "
+        f"Ranker input for {r['ranked']} candidates, median over {ab['requests']} requests "
         "in this process: the offline builder's rows for every candidate (`rows` + `tensors`, "
-        f"the pipeline before this change) {ab['rows_tensors_ms']:.2f} ms; `candidate_batch` "
-        "(the request's query row repeated, only the item columns encoded per candidate; "
-        f"identical tensors) {ab['candidate_batch_ms']:.2f} ms.",
+        f"the first pipeline) {ab['rows_tensors_ms']:.2f} ms; the query row without frames and "
+        "the candidates' item columns (`query_row` + `item_inputs`, what the pipeline does; "
+        f"identical tensors once broadcast) {ab['query_row_item_inputs_ms']:.2f} ms.",
     ]
     lines += ["", "ONNX Runtime graph optimisation level, one thread, ms per 200 candidates: "
               + "; ".join(f"{v}: " + ", ".join(f"{k} {ms:.1f}" for k, ms in lv_ms.items())
                           for v, lv_ms in c["opt_level_ms"].items()) + "."]
     at = str(GOAL_CLIENTS) if str(GOAL_CLIENTS) in lv else next(iter(lv))
+    served = (req or c)["gflop"]  # FLOPs of what the server runs per request
     ranks = {name: var["concurrency"][at]["stages_ms"]["rank"]["p50"]
              for name, var in r["servers"].items()}
     lines += [
         "",
         "int8 GFLOP/s count the fp32 model's FLOPs. In the server, the rank stage's median at "
         f"{at} client(s): " + ", ".join(
-            f"{name} {ms:.1f} ms ({c['gflop'] / ms * 1e3:.1f} GFLOP/s)" for name, ms in ranks.items())
+            f"{name} {ms:.1f} ms ({served / ms * 1e3:.1f} GFLOP/s)" for name, ms in ranks.items())
         + f". AUC on {c['auc_valid_rows']:,} of the {c['valid_rows']:,} rows "
         f"of the P1 valid split, fp32 and int8 scoring the same rows (ranker trained "
         f"{r['ranker_training']}: latency does not depend on the weights, AUC parity does).",
@@ -548,7 +670,7 @@ def markdown(r: dict[str, Any]) -> str:
         # limit complete at least clients / limit requests a second
         f"What the goal asks of the ranker: {GOAL_CLIENTS} clients each waiting under "
         f"{GOAL_P99_MS:.0f} ms complete at least {GOAL_CLIENTS / GOAL_P99_MS * 1e3:.0f} "
-        f"requests/s, i.e. {GOAL_CLIENTS / GOAL_P99_MS * 1e3 * c['gflop']:.0f} GFLOP/s of BST "
+        f"requests/s, i.e. {GOAL_CLIENTS / GOAL_P99_MS * 1e3 * served:.1f} GFLOP/s of BST "
         f"alone; this run measured a 1-thread GEMM peak of {r['matmul']['torch_1t_gflops']:.0f} "
         f"GFLOP/s (about {2 * r['matmul']['torch_1t_gflops']:.0f} for both cores if they were "
         f"free) and int8 ONNX Runtime reaching {c['gflops'].get('onnx_int8_1t', float('nan')):.0f}"
@@ -570,6 +692,10 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
     ap.add_argument("--workdir", default="artifacts/bench_serving")
     ap.add_argument("--ranker", help="reuse a BST training run (or checkpoint) of these samples")
+    ap.add_argument("--ranker-config", type=json.loads, default={}, metavar="JSON",
+                    help='BST config overrides when the ranker is trained here, e.g. '
+                    '\'{"output": "target", "mlp": [256, 128, 64]}\' (the request-shaped graph '
+                    'shares work across candidates with output "target" and one block)')
     ap.add_argument("--ranker-steps", type=int, default=0,
                     help="cap the one training epoch at this many steps (0: the whole epoch)")
     ap.add_argument("--retrieved", type=int, default=500)
@@ -590,13 +716,29 @@ def main() -> None:
     ap.add_argument("--no-markdown", action="store_true")
     ap.add_argument("--name", default="serving", help="results file benchmarks/results/NAME.json "
                     "(experiments other than the headline run)")
+    ap.add_argument("--in-process", type=int, default=0, metavar="N",
+                    help="only time N Pipeline.recommend calls in this process (no HTTP, no "
+                    "training): per-stage p50/p99 of --bundle (default WORKDIR/bundle) on a copy "
+                    "of --store (default WORKDIR/feature_store.sqlite, seeded by a server run)")
+    ap.add_argument("--bundle")
+    ap.add_argument("--store")
     ap.add_argument("--child")
     ap.add_argument("--samples")
     ap.add_argument("--out")
     ap.add_argument("--steps", type=int, default=0)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.samples, args.out, args.steps)
+        child(args.child, args.samples, args.out, args.steps, args.ranker_config)
+        return
+
+    if args.in_process:
+        work = Path(args.workdir)
+        src = Path(args.store or work / "feature_store.sqlite")
+        with tempfile.TemporaryDirectory() as tmp:  # the store is opened read-write
+            copy = Path(tmp) / src.name
+            shutil.copy(src, copy)
+            res = in_process(Path(args.bundle or work / "bundle"), copy, args.in_process)
+        print(json.dumps(res, indent=1))
         return
 
     load0 = os.getloadavg()
@@ -604,7 +746,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print("samples, ranker, two-tower, bundle ...")
     samples = ensure_samples(work, args.data_dir)
-    ranker = ensure_ranker(work, samples, args.ranker, args.ranker_steps)
+    ranker = ensure_ranker(work, samples, args.ranker, args.ranker_steps, args.ranker_config)
     two_tower = ensure_two_tower(work, samples)
     bundle = ensure_bundle(work, samples, ranker, two_tower, args.retrieved, args.ranked,
                            args.rebuild_bundle)
@@ -669,8 +811,8 @@ def main() -> None:
         served[label] = out
     print("rank-stage input, before/after on the same requests ...")
     rows_ab = candidate_rows_ab(bundle, work / "feature_store.sqlite", args.ranked, 100)
-    print(f"  rows+tensors {rows_ab['rows_tensors_ms']:.2f} ms, candidate_batch "
-          f"{rows_ab['candidate_batch_ms']:.2f} ms")
+    print(f"  rows+tensors {rows_ab['rows_tensors_ms']:.2f} ms, query_row+item_inputs "
+          f"{rows_ab['query_row_item_inputs_ms']:.2f} ms")
 
     argv = " ".join(sys.argv[1:])
     result = {
@@ -680,6 +822,7 @@ def main() -> None:
         "servers": served, "ort_threads": args.ort_threads,
         "duration_s": args.duration, "warmup_s": args.warmup, "events_share": args.events_share,
         "ranker_cost": cost, "matmul": peak, "candidate_rows": rows_ab,
+        "ranker_config": args.ranker_config,
         "ranker_run": str(ranker), "ranker_training": (
             f"{train_result['result']['steps']} steps of batch "
             f"{train_result['train_config']['batch_size']}, valid AUC "
