@@ -85,3 +85,20 @@ def test_a_batch_graph_in_place_of_the_request_graph_is_refused(artifacts: Artif
     rehash(bad)
     with pytest.raises(BundleError, match="not a request-shaped ranker graph"):
         load_bundle(bad)
+
+
+def test_an_int8_bundle_serves_through_its_request_graph(artifacts: Artifacts, store: FeatureStore,
+                                                          tmp_path: Path) -> None:
+    """Both graphs dynamically quantised (benchmarks/bench_serving.py's int8 variant): they
+    agree closely, not exactly, and the bundle loads and serves."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    q = tmp_path / "int8"
+    shutil.copytree(artifacts.bundle, q)
+    for name in (RANKER, RANKER_REQUEST):
+        quantization.quantize_dynamic(str(artifacts.bundle / name), str(q / name),
+                                      weight_type=quantization.QuantType.QInt8)
+    rehash(q)
+    loaded = load_bundle(q)
+    assert loaded.ranker.request is not None
+    rec = Pipeline(loaded, StoreGuard(store, "embedded"), clock=lambda: NOW).recommend(3, k=5)
+    assert len(rec.items) == 5 and all(0 < i.score < 1 for i in rec.items)

@@ -88,6 +88,8 @@ class RankerRuntime:
             raise ValueError(f"the ranker returned {out!r} on a valid batch")
         if self.request is not None:
             got = self.logits_request({n: batch[n][:1] for n in self.shared_names}, batch)
-            if got.shape != (2,) or not np.allclose(got, out, rtol=1e-4, atol=1e-4):
+            # int8 graphs quantise activations per call, from each graph's own tensors: the two
+            # then agree to about 1e-2 in logit (fp32 ones to 1e-6); another model would not
+            if got.shape != (2,) or not np.allclose(got, out, rtol=0.0, atol=0.05):
                 raise ValueError(f"the request-shaped ranker returned {got!r} where the batch "
                                  f"graph returned {out!r}")
