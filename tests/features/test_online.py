@@ -310,6 +310,11 @@ def test_candidate_batch_from_the_query_row_equals_the_full_rows(
         assert fast.keys() == query.keys()
         for name, t in query.items():
             assert fast[name].dtype == t.dtype and torch.equal(fast[name], t), (user, name)
+        # the items of the history window (and the probe) are all the query row reads
+        window = online.query_row(snap, store.items(online.item_ids_needed(snap, ["i02"], ts)),
+                                  "i02", ts)
+        for name in set(query) - set(online.item_names):
+            assert torch.equal(window[name], query[name]), (user, name)
         for subset in (cands, cands[:1], cands[2:4], []):
             want = online.tensors(online.rows(snap, items, subset, ts))
             got = online.candidate_batch(query, items, subset)

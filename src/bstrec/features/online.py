@@ -39,7 +39,15 @@ from bstrec.data.samples import (
     sort_events,
 )
 from bstrec.features.spec import OOV, FeatureSpec
-from bstrec.features.store import Features, FeatureStore, ItemId, UserId, UserSnapshot, check_id
+from bstrec.features.store import (
+    Behaviour,
+    Features,
+    FeatureStore,
+    ItemId,
+    UserId,
+    UserSnapshot,
+    check_id,
+)
 from bstrec.features.vocab import Vocabularies
 from bstrec.ranking.request import broadcast, item_names
 from bstrec.training.tensors import Batch, history_tensors, pad_flat, to_tensors
@@ -128,9 +136,22 @@ class OnlineFeatures:
         if any(f.kind != "categorical" for f in feats if f.group != "item"):
             raise ValueError("multi-hot features are item features only (data/samples.py)")
 
-    def item_ids_needed(self, snapshot: UserSnapshot, candidates: Sequence[ItemId]) -> list[ItemId]:
-        """The items whose features a request reads: the candidates and the history's items."""
-        return list(dict.fromkeys([*candidates, *(b.item_id for b in snapshot.behaviours)]))
+    def item_ids_needed(self, snapshot: UserSnapshot, candidates: Sequence[ItemId],
+                        request_ts: int | None = None) -> list[ItemId]:
+        """The items whose features a request reads: the candidates and the history's items
+        (with ``request_ts``, only those of the behaviours that are its history)."""
+        hist = snapshot.behaviours if request_ts is None else self._history(snapshot, request_ts)
+        return list(dict.fromkeys([*candidates, *(b.item_id for b in hist)]))
+
+    def _history(self, snapshot: UserSnapshot, request_ts: int) -> list[Behaviour]:
+        """The request's history, oldest first: the window ``rows`` takes (the last
+        ``max_len`` behaviours at or before the request, in the behaviour order), computed
+        with the offline builder's ``behaviour_order`` and ``history_slices`` on lists."""
+        kept = [b for b in snapshot.behaviours if b.timestamp <= request_ts]
+        order = behaviour_order([b.timestamp for b in kept], [b.item_id for b in kept])
+        n = len(kept)
+        first, lengths = history_slices(np.zeros(n + 1, dtype=np.int64), self.spec.max_len)
+        return [kept[j] for j in order[first[n]:first[n] + lengths[n]]]
 
     def rows(self, snapshot: UserSnapshot, items: Mapping[ItemId, Features],
              candidates: Sequence[ItemId], request_ts: int) -> pl.DataFrame:
@@ -305,12 +326,7 @@ class OnlineFeatures:
         helpers on arrays: ``behaviour_order``, ``history_slices``, ``history_arrays``,
         ``hour_and_weekday``, the cached ``encode_items`` / ``encode_users`` codes and
         ``history_tensors``. Equal to the frame path (tests/features/test_online.py)."""
-        kept = [b for b in snapshot.behaviours if b.timestamp <= request_ts]
-        order = behaviour_order([b.timestamp for b in kept], [b.item_id for b in kept])
-        events = [kept[j] for j in order]
-        n = len(events)
-        first, lengths = history_slices(np.zeros(n + 1, dtype=np.int64), self.spec.max_len)
-        hist = events[first[n]:first[n] + lengths[n]]
+        hist = self._history(snapshot, request_ts)
         ids = [b.item_id for b in hist]
         entries = self._item_codes(ids, items)
         item_pos = self.item_cats.index("item")
@@ -320,8 +336,9 @@ class OnlineFeatures:
         ev_cat = np.array([OOV if b.category is None else cat_index.get(b.category, OOV)
                            for b in hist], dtype=np.int64)
         ev_ts = np.array([b.timestamp for b in hist], dtype=np.int64)
+        length = np.full(1, len(hist), dtype=np.int64)
         _, _, h_item, h_cat, h_dt = history_arrays(
-            ev_item, ev_cat, ev_ts, np.zeros(1, dtype=np.int64), lengths[n:],
+            ev_item, ev_cat, ev_ts, np.zeros(1, dtype=np.int64), length,
             np.full(1, request_ts, dtype=np.int64))
         hour, dow = hour_and_weekday(request_ts)
         out: Batch = dict(zip(self.user_cats, torch.from_numpy(self._user_row(snapshot))[:, None],
@@ -330,8 +347,7 @@ class OnlineFeatures:
         out["hour"] = torch.tensor([self.vocabs["hour"].index.get(hour, OOV)])
         out["dow"] = torch.tensor([self.vocabs["dow"].index.get(dow, OOV)])
         batch = {f.name: out[f.name] for f in self.spec.features}
-        return batch | history_tensors(lengths[n:].astype(np.int64), h_item, h_cat, h_dt,
-                                       self.spec.max_len)
+        return batch | history_tensors(length, h_item, h_cat, h_dt, self.spec.max_len)
 
     def _user_row(self, snapshot: UserSnapshot) -> I64:
         """(n_user_features,) codes of the user's columns as ``rows`` joins them: the profile

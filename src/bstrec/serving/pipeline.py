@@ -246,7 +246,7 @@ class Pipeline:
         snapshot = self._snapshot(user, reasons, use_store)
         watch.lap("store")
 
-        items = self._items(self.features.item_ids_needed(snapshot, [self.probe_item]),
+        items = self._items(self.features.item_ids_needed(snapshot, [self.probe_item], ts),
                             reasons, use_store)
         row = self.features.query_row(snapshot, items, self.probe_item, ts)
         seen_raw = {b.item_id for b in snapshot.behaviours}
