@@ -35,10 +35,12 @@ def _truth(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.nd
 
 CONFIGS = [IndexConfig(kind="exact"), IndexConfig(kind="flat"),
            IndexConfig(kind="hnsw", hnsw_m=16, ef_construction=100, ef_search=200),
-           IndexConfig(kind="ivf", nlist=16, nprobe=16)]
+           IndexConfig(kind="ivf", nlist=16, nprobe=16),
+           IndexConfig(kind="ivf", nlist=16, nprobe=16, ivf_codes="pq4", pq_m=8, refine=8)]
+NAMES = ["exact", "flat", "hnsw", "ivf", "ivf_pq4"]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.kind)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=NAMES)
 def test_search_finds_the_inner_product_top_k(cfg: IndexConfig) -> None:
     ids, x, q = _data()
     index = build_index(ids, x, cfg)
@@ -47,14 +49,15 @@ def test_search_finds_the_inner_product_top_k(cfg: IndexConfig) -> None:
     assert got.shape == scores.shape == (len(q), 10)
     assert (np.diff(scores, axis=1) <= 1e-5).all()  # best first
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
-    if cfg.kind in ("exact", "flat") or (cfg.kind == "ivf" and cfg.nprobe >= cfg.nlist):
+    if cfg.kind in ("exact", "flat") or (cfg.kind == "ivf" and cfg.ivf_codes == "flat"
+                                         and cfg.nprobe >= cfg.nlist):
         assert (got == truth).all()
         np.testing.assert_allclose(scores, np.sort(q @ x.T, axis=1)[:, ::-1][:, :10], rtol=1e-4)
     else:
         assert recall >= 0.95
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.kind)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=NAMES)
 def test_save_load_round_trip(cfg: IndexConfig, tmp_path: Path) -> None:
     ids, x, q = _data()
     index = build_index(ids, x, cfg)
@@ -68,7 +71,7 @@ def test_save_load_round_trip(cfg: IndexConfig, tmp_path: Path) -> None:
     np.testing.assert_allclose(before[0], after[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.kind)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=NAMES)
 def test_incremental_add_without_rebuild(cfg: IndexConfig, tmp_path: Path) -> None:
     ids, x, q = _data()
     index = build_index(ids[:1500], x[:1500], cfg)
@@ -121,3 +124,23 @@ def test_hnsw_and_ivf_knobs_change_the_search() -> None:
     assert high == 10 and low < high
     with pytest.raises(ValueError, match="ExactIndex"):
         FaissIndex(D, IndexConfig(kind="exact"))
+
+
+def test_pq4_codes_are_rescored_exactly() -> None:
+    """The 4-bit codes only shortlist: returned scores are exact inner products, and a wider
+    exact re-scoring (``refine``) finds at least as much of the true top k."""
+    ids, x, q = _data()
+    truth = _truth(x, ids, q, 10)
+    found = []
+    for refine in (1, 10):
+        cfg = IndexConfig(kind="ivf", nlist=16, nprobe=16, ivf_codes="pq4", pq_m=8, refine=refine)
+        index = build_index(ids, x, cfg)
+        scores, got = index.search(q, 10)
+        exact = np.take_along_axis(q @ x.T, got - 1000, axis=1)
+        np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-5)
+        found.append(np.mean([len(set(a) & set(b)) for a, b in zip(got, truth, strict=True)]))
+    assert found[1] > found[0] and found[1] >= 9.5
+    with pytest.raises(ValueError, match="divide"):
+        FaissIndex(D, IndexConfig(kind="ivf", ivf_codes="pq4", pq_m=5))
+    with pytest.raises(ValueError, match="ivf_codes"):
+        IndexConfig(kind="ivf", ivf_codes="sq8")  # type: ignore[arg-type]
