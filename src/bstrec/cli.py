@@ -356,7 +356,8 @@ def index_build_cmd(
     kind: Annotated[str, typer.Option(help="exact, flat, hnsw or ivf")] = "hnsw",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Index config override, repeatable: hnsw_m=32, ef_search=128, nlist=1024, "
-        "nprobe=32")] = None,
+        "nprobe=32, ivf_codes=pq4 (4-bit residual codes, exact re-scoring), pq_m=64, refine=4")
+    ] = None,
 ) -> None:
     """(Re)build RETRIEVER/index from the two-tower's item vectors."""
     from bstrec.config import from_dict
