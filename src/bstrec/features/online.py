@@ -249,8 +249,9 @@ class OnlineFeatures:
 
     def warm(self, items: Mapping[ItemId, Features]) -> None:
         """Encode a catalogue's items at once (a bundle's, at start), so that requests find
-        them cached as long as the store returns the same features."""
-        ids = list(items)
+        them cached as long as the store returns the same features (at most ``cache_size``:
+        a larger catalogue's further items are encoded by the requests that need them)."""
+        ids = list(itertools.islice(items, max(self.cache_size, 0)))
         if ids:
             self._item_rows(ids, items, _dtype(ids))
 
