@@ -1,15 +1,17 @@
 """Serving benchmark (issue 5): the real HTTP server with the ML-1M bundle under loopback load.
 
 1. builds the ML-1M samples (P1) into ``WORKDIR/samples`` (reused when present);
-2. trains one epoch of BST (or reuses ``--ranker RUN_DIR``) and one epoch of the two-tower,
-   at ``nice`` 5 so that a shared machine's other jobs keep their share;
+2. trains one epoch of BST (config overrides ``--ranker-config JSON``; or reuses ``--ranker
+   RUN_DIR``) and one epoch of the two-tower, at ``nice`` 5 so that a shared machine's other
+   jobs keep their share;
 3. builds a bundle whose match quotas total ``--retrieved`` (500) and whose BST ranks
    ``--ranked`` (200) candidates per request; ``--variant int8`` serves the ranker with its
    MLP and attention matrices dynamically quantised to int8 (ONNX Runtime), after an AUC check
    of both on the P1 valid split;
 4. measures the ranker's cost offline, in this process, before the server starts: FLOPs of one
    forward pass over 200 candidates (torch's FlopCounterMode on the eager model), its latency in
-   eager torch and in ONNX Runtime (fp32, int8), and the machine's fp32 matrix-multiply peak;
+   eager torch and in ONNX Runtime (fp32, int8), the same for the request-shaped path the server
+   runs (one user, 200 candidates' item columns), and the machine's fp32 matrix-multiply peak;
 5. starts ``bstrec serve`` as a subprocess (fresh embedded store seeded with the ML-1M log) and
    drives it with asyncio httpx clients at each concurrency level for ``--duration`` seconds:
    90% ``GET /recommend`` for ML-1M users, 10% ``POST /events``; latency of every request and
@@ -20,6 +22,8 @@
 
     python benchmarks/bench_serving.py --data-dir /work/shared/data --duration 20
     python benchmarks/bench_serving.py --ranker artifacts/bench_rank/ml1m-ctr/runs/bst-s0
+    python benchmarks/bench_serving.py --ranker-config '{"output": "target", "mlp": [256, 128, 64]}'
+    python benchmarks/bench_serving.py --in-process 300     # Pipeline.recommend per stage, no HTTP
 """
 
 from __future__ import annotations
