@@ -42,12 +42,14 @@ from peers import PEERS, build_peer, peers_available
 
 DATASETS = {"synthetic-order": "synthetic-order", "ml100k-ctr": "ml-100k", "ml1m-ctr": "ml-1m"}
 MAIN = ("wdl", "wdl_seq", "din", "bst")
-# name -> (ranker, model config overrides): the paper's Table 4 ablations
+# name -> (ranker, model config overrides): the paper's Table 4 ablations, and the target
+# position's output alone instead of all positions (what the serving ranker can share work on)
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "bst_pos_slot": ("bst", {"position": "slot"}),
     "bst_pos_none": ("bst", {"position": "none"}),
     "bst_b2": ("bst", {"blocks": 2}),
     "bst_b3": ("bst", {"blocks": 3}),
+    "bst_out_target": ("bst", {"output": "target"}),
 }
 
 

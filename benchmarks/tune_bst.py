@@ -1,0 +1,99 @@
+"""BST tuning on the valid split (issue 3): which settings the rank benchmark should use.
+
+Every trial trains BST on the train split of one protocol with one seed and keeps the best
+valid AUC over its epochs (early stopping as in bench_rank.py); the test split is never read
+here, so that bench_rank.py can test the chosen setting once. Trials are named model/train
+config overrides; a finished trial's run folder is reused, so the script can be stopped and
+started again, and new trials added to the list.
+
+    python benchmarks/tune_bst.py --protocol ml1m-ctr --trials paper target target_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rank import DATASETS, ensure_samples
+from bstrec.training.task import RESULT, train_ranker
+from common import machine, now, update_section, write_result
+
+# name -> (BST config overrides, train config overrides), against bench_rank.py's defaults
+TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "paper": ({}, {}),
+    "target": ({"output": "target"}, {}),
+    "target_small": ({"output": "target", "mlp": [256, 128, 64]}, {}),
+    "small": ({"mlp": [256, 128, 64]}, {}),
+    "mlp_dropout": ({"mlp_dropout": 0.3}, {}),
+    "lr_half": ({}, {"lr": 5e-4}),
+}
+
+
+def run_trial(name: str, samples: Path, run_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
+    model, train = TRIALS[name]
+    if not (run_dir / RESULT).exists():
+        print(f"{name}: training into {run_dir}", flush=True)
+        train_ranker("bst", samples, run_dir, model_overrides=model,
+                     train_overrides={**base, **train}, resume=run_dir.exists())
+    result: dict[str, Any] = json.loads((run_dir / RESULT).read_text())
+    history = result["result"]["history"]
+    return {"model": model, "train": train, "best_valid_auc": result["result"]["best_valid_auc"],
+            "best_epoch": result["result"]["best_epoch"], "n_parameters": result["n_parameters"],
+            "valid_auc_by_epoch": [round(h["valid_auc"], 5) for h in history]}
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"## BST tuning on {r['protocol']} (valid split only)",
+        "",
+        f"`{r['command']}` on {r['date']}, {r['machine']['cores']} cores. One seed ({r['seed']}), "
+        f"Adam, batch {r['base']['batch_size']}, lr {r['base']['lr']} unless the trial says "
+        f"otherwise, at most {r['base']['max_epochs']} epochs, early stopping on valid AUC. "
+        "Selection only: test AUC is measured once, by bench_rank.py, for the chosen setting.",
+        "",
+        "| trial | overrides | parameters | valid AUC by epoch | best valid AUC |",
+        "|---|---|---:|---|---:|",
+    ]
+    for name, t in sorted(r["trials"].items(), key=lambda kv: -kv[1]["best_valid_auc"]):
+        over = json.dumps({**t["model"], **t["train"]}) if t["model"] or t["train"] else "-"
+        lines.append(f"| {name} | `{over}` | {t['n_parameters']:,} | "
+                     f"{', '.join(f'{a:.4f}' for a in t['valid_auc_by_epoch'])} | "
+                     f"{t['best_valid_auc']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--protocol", default="ml1m-ctr", choices=list(DATASETS))
+    ap.add_argument("--trials", nargs="+", default=list(TRIALS), choices=list(TRIALS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-epochs", type=int, default=2)
+    ap.add_argument("--workdir", default="artifacts/bench_rank")
+    ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
+    args = ap.parse_args()
+    root = Path(args.workdir) / args.protocol
+    samples = ensure_samples(args.protocol, root, args.data_dir)
+    base = {"max_epochs": args.max_epochs, "patience": 1, "batch_size": 256, "lr": 1e-3,
+            "seed": args.seed}
+    path = Path(__file__).resolve().parent / "results" / f"tune_bst_{args.protocol}.json"
+    done: dict[str, Any] = json.loads(path.read_text())["trials"] if path.exists() else {}
+    started = time.perf_counter()
+    for name in args.trials:
+        done[name] = run_trial(name, samples, root / "tune" / f"{name}-s{args.seed}", base)
+        print(f"{name}: best valid AUC {done[name]['best_valid_auc']:.4f} "
+              f"(epochs {done[name]['valid_auc_by_epoch']})", flush=True)
+    result = {"protocol": args.protocol, "date": now(), "machine": machine(), "seed": args.seed,
+              "base": base, "command": "python benchmarks/tune_bst.py " + " ".join(sys.argv[1:]),
+              "minutes": round((time.perf_counter() - started) / 60, 1), "trials": done}
+    write_result(f"tune_bst_{args.protocol}", result)
+    update_section(f"tune_bst_{args.protocol}", markdown(result))
+
+
+if __name__ == "__main__":
+    main()
