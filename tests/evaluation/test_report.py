@@ -127,3 +127,18 @@ def test_report_rejects_misshaped_predictions() -> None:
     case["predictions"] = {"bst": np.zeros(3)}
     with pytest.raises(ValueError, match="bst"):
         evaluation_summary(**case)
+
+
+def test_more_bootstrap_pairs(tmp_path: Path) -> None:
+    """``also_compare`` adds pairs after the main one; absent models are skipped."""
+    case = make_case(3)
+    write_report(tmp_path, **case, also_compare=[("din", "WDL"), ("bst", "nope")])
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    pairs = [(b["a"], b["b"]) for b in summary["bootstraps"]]
+    assert pairs == [("bst", "din"), ("din", "WDL")]
+    assert summary["bootstrap"] == summary["bootstraps"][0]
+    alone = evaluation_summary(**{**case, "predictions": {
+        k: case["predictions"][k] for k in ("din", "WDL")}}, compare=("din", "WDL"))
+    assert alone["bootstrap"]["diff"] == pytest.approx(summary["bootstraps"][1]["diff"])
+    md = (tmp_path / "report.md").read_text()
+    assert "## AUC difference bst - din" in md and "## AUC difference din - WDL" in md

@@ -73,7 +73,8 @@ def attention_of_one_user(ckpt_path: Path, test: pl.DataFrame, samples: SampleSe
 
 def evaluate_runs(samples_dir: str | Path, runs: Mapping[str, Sequence[str | Path]],
                   out_dir: str | Path, *, baseline: str = "wdl",
-                  compare: tuple[str, str] = ("bst", "din"), n_boot: int = 1000,
+                  compare: tuple[str, str] = ("bst", "din"),
+                  also_compare: Sequence[tuple[str, str]] = (), n_boot: int = 1000,
                   seed: int = 0, builder: Builder | None = None) -> Path:
     """Score every run on the test split of ``samples_dir`` and write the report into
     ``out_dir`` (see ``evaluation.report.write_report``). ``builder`` rebuilds models that
@@ -97,5 +98,6 @@ def evaluate_runs(samples_dir: str | Path, runs: Mapping[str, Sequence[str | Pat
         kwargs = {"attention": attention[0], "attention_tokens": attention[1]}
     return write_report(out_dir, protocol=protocol, test_frame=test,
                         predictions={k: np.stack(v) for k, v in predictions.items()},
-                        references=refs, baseline=baseline, compare=compare, n_boot=n_boot,
+                        references=refs, baseline=baseline, compare=compare,
+                        also_compare=also_compare, n_boot=n_boot,
                         seed=seed, **kwargs)

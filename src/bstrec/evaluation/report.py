@@ -132,6 +132,7 @@ def _json_ready(x: Any) -> Any:
 def evaluation_summary(*, protocol: str, test_frame: pl.DataFrame, predictions: Predictions,
                        references: Mapping[str, npt.ArrayLike] | None = None,
                        baseline: str | None = "wdl", compare: tuple[str, str] = ("bst", "din"),
+                       also_compare: Sequence[tuple[str, str]] = (),
                        n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Every number of the report, JSON-ready (NaN as None).
 
@@ -139,7 +140,8 @@ def evaluation_summary(*, protocol: str, test_frame: pl.DataFrame, predictions: 
     ``hist_len``). ``predictions``: model name -> (N,) probabilities, or a list of them, one per
     seed. ``references``: e.g. ``references.reference_scores(splits)``. RelaImpr is over the
     model named ``baseline`` (case-insensitive) when present, from the seeds' mean AUCs. The
-    paired bootstrap of ``compare[0] - compare[1]`` runs when both are present.
+    paired bootstrap of ``compare[0] - compare[1]`` (and of each pair of ``also_compare``) runs
+    when both are present.
     """
     n = test_frame.height
     y = test_frame["label"].to_numpy().astype(np.float64)
@@ -158,13 +160,15 @@ def evaluation_summary(*, protocol: str, test_frame: pl.DataFrame, predictions: 
         for row in (*rows_m.values(), *rows_r.values()):
             row["rela_impr"] = rela_impr(row["auc"]["mean"], base_auc)
 
-    a, b = _find(list(models), compare[0]), _find(list(models), compare[1])
-    boot: dict[str, Any] | None = None
-    if a is not None and b is not None and a != b:
-        res = paired_bootstrap_auc_diff(y, models[a], models[b], n_boot=n_boot, seed=seed,
-                                        groups=users)
-        boot = {"a": a, "b": b, "diff": res.diff, "lo": res.lo, "hi": res.hi, "n_boot": n_boot,
-                "seed": seed, "resample": "users", "level": 0.95}
+    boots: list[dict[str, Any]] = []
+    for pair in (compare, *also_compare):
+        a, b = _find(list(models), pair[0]), _find(list(models), pair[1])
+        if a is not None and b is not None and a != b:
+            res = paired_bootstrap_auc_diff(y, models[a], models[b], n_boot=n_boot, seed=seed,
+                                            groups=users)
+            boots.append({"a": a, "b": b, "diff": res.diff, "lo": res.lo, "hi": res.hi,
+                          "n_boot": n_boot, "seed": seed, "resample": "users", "level": 0.95})
+    main = [x for x in boots if (x["a"].lower(), x["b"].lower()) == tuple(c.lower() for c in compare)]
 
     counts = np.bincount(bucket_ids, minlength=len(bucket_names))
     pos = np.bincount(bucket_ids, weights=y, minlength=len(bucket_names))
@@ -179,7 +183,8 @@ def evaluation_summary(*, protocol: str, test_frame: pl.DataFrame, predictions: 
         "models": rows_m,
         "references": rows_r,
         "history": {"buckets": bucket_names, "n": counts.tolist(), "positive_rate": rate.tolist()},
-        "bootstrap": boot,
+        "bootstrap": main[0] if main else None,  # the ``compare`` pair
+        "bootstraps": boots,  # every pair asked for and present, ``compare`` first
         "calibration_bins": N_BINS,
     }
     out: dict[str, Any] = _json_ready(summary)
@@ -248,8 +253,7 @@ def render_markdown(summary: dict[str, Any], *, plots: Sequence[str] = ()) -> st
         lines.append(f"| {_display(name, row)} | "
                      + " | ".join(_num(v) for v in row["auc_by_history"]) + " |")
 
-    boot = summary["bootstrap"]
-    if boot is not None:
+    for boot in summary["bootstraps"]:
         lines += [
             "",
             f"## AUC difference {boot['a']} - {boot['b']} (paired bootstrap)",
@@ -350,6 +354,7 @@ def write_report(out_dir: str | Path, *, protocol: str, test_frame: pl.DataFrame
                  predictions: Predictions,
                  references: Mapping[str, npt.ArrayLike] | None = None,
                  baseline: str | None = "wdl", compare: tuple[str, str] = ("bst", "din"),
+                 also_compare: Sequence[tuple[str, str]] = (),
                  attention: npt.ArrayLike | None = None,
                  attention_tokens: Sequence[str] | None = None,
                  n_boot: int = 1000, seed: int = 0) -> Path:
@@ -367,7 +372,8 @@ def write_report(out_dir: str | Path, *, protocol: str, test_frame: pl.DataFrame
     out.mkdir(parents=True, exist_ok=True)
     summary = evaluation_summary(protocol=protocol, test_frame=test_frame,
                                  predictions=predictions, references=references,
-                                 baseline=baseline, compare=compare, n_boot=n_boot, seed=seed)
+                                 baseline=baseline, compare=compare,
+                                 also_compare=also_compare, n_boot=n_boot, seed=seed)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots = [PLOT_HISTORY, PLOT_CALIBRATION]
     _plot_history(summary, out / PLOT_HISTORY)
