@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,30 @@ def test_recommend_known_and_unknown_users(client: httpx.Client) -> None:
     assert set(body["timings_ms"]) >= {"retrieve", "prerank", "rank", "rules"}
     cold = client.get("/recommend", params={"user_id": 987654321}).json()
     assert cold["path"] == "cold" and not cold["known_user"] and len(cold["items"]) == 10
+
+
+def test_requests_on_the_event_loop_or_threads_answer_the_same(artifacts: Artifacts,
+                                                                tmp_path: Path) -> None:
+    """request_threads 0 runs the pipeline on the event loop, n on n threads (the others wait):
+    the answers are the same, concurrent requests all succeed."""
+    bodies = []
+    for threads in (0, 2):
+        settings = settings_for(artifacts, tmp_path / str(threads), request_threads=threads)
+        with running(settings) as (url, c):
+            params = {"user_id": 3, "k": 5, "now": 1_800_000_000}
+            bodies.append(c.get("/recommend", params=params).json())
+
+            def call(_: int, url: str = url) -> int:
+                with httpx.Client(base_url=url, timeout=30) as own:
+                    return own.get("/recommend", params={"user_id": 5}).status_code
+
+            with ThreadPoolExecutor(6) as pool:
+                assert set(pool.map(call, range(12))) == {200}
+            assert c.post("/events", json={"user_id": 3, "item_id": 5},
+                          headers=AUTH).json()["received"] == 1
+    for b in bodies:
+        del b["timings_ms"]
+    assert bodies[0] == bodies[1] and len(bodies[0]["items"]) == 5
 
 
 @pytest.mark.parametrize("params, message", [

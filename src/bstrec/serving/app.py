@@ -12,14 +12,16 @@ at ``/`` (``Settings.static_dir``) without hiding any of them.
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime,
 # and they refer to this factory's local variables (settings, the key header).
+import asyncio
 import logging
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -40,6 +42,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
                    Awaitable[None]]
+T = TypeVar("T")
+JSON = "application/json"
 
 
 class Service:
@@ -53,6 +57,12 @@ class Service:
         self.guard = StoreGuard(self.store, settings.store, retry_s=settings.store_retry_s)
         self.metrics = Metrics()
         self._reload_lock = threading.Lock()
+        # The pipeline is CPU-bound and holds the GIL for most of a request: threads of one
+        # process running requests at once only take turns on the GIL (each one's request then
+        # lasts as long as all of them together, and they convoy on the store's lock), so
+        # requests run ``request_threads`` at a time and the others wait in the event loop.
+        self._executor = None if settings.request_threads == 0 else ThreadPoolExecutor(
+            settings.request_threads, thread_name_prefix="bstrec-request")
         try:
             self.pipeline = self._load(settings.bundle)
         except BaseException:
@@ -101,7 +111,16 @@ class Service:
         except StoreUnavailable as exc:
             log.warning("feature store not seeded, it is unavailable: %s", exc)
 
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (a pipeline call) on the request threads, or inline on the event loop
+        when ``request_threads`` is 0."""
+        if self._executor is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         if self.owns_store:
             self.store.close()
 
@@ -136,6 +155,27 @@ class _MetricsMiddleware:
             self.metrics.latency.labels(method, name).observe(time.perf_counter() - started)
 
 
+class _BodyLimitMiddleware:
+    """413 for a request whose Content-Length is over ``max_bytes``, before its body is read
+    (plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] == "http":
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = JSONResponse(
+                    {"detail": f"request body of {length.decode()} bytes is over the limit of "
+                     f"{self.max_bytes}"}, status.HTTP_413_CONTENT_TOO_LARGE)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI:
     """The FastAPI app. Without ``service`` it builds one (bundle loaded, store opened and
     seeded) and closes it at shutdown."""
@@ -157,7 +197,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="Required by POST /events and POST /admin/reload")
 
-    def require_key(key: Annotated[str | None, Depends(key_header)]) -> None:
+    async def require_key(key: Annotated[str | None, Depends(key_header)]) -> None:
         expected = settings.api_key
         if expected is None:
             raise HTTPException(status.HTTP_403_FORBIDDEN,
@@ -187,54 +227,53 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return JSONResponse({"detail": f"bundle refused, still serving "
                              f"{svc.pipeline.version}: {exc}"}, status.HTTP_409_CONFLICT)
 
-    @app.middleware("http")
-    async def limit_body(request: Request,
-                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse({"detail": f"request body of {length} bytes is over the limit "
-                                 f"of {settings.max_body_bytes}"},
-                                status.HTTP_413_CONTENT_TOO_LARGE)
-        return await call_next(request)
-
     errors: dict[int | str, dict[str, Any]] = {
         422: {"model": schemas.Error, "description": "Invalid input"}}
 
     @app.get("/recommend", response_model=schemas.Recommendation, responses=errors,
              tags=["recommend"])
-    def recommend(
+    async def recommend(
         user_id: Annotated[str, Query(min_length=1, max_length=256,
                                       description="An unknown user gets cold-start items")],
         k: Annotated[int, Query(ge=1, le=settings.k_max)] = settings.k_default,
         now: Annotated[int | None, Query(ge=0, description="Request time, unix seconds "
                                          "(replays); default: the server clock")] = None,
-    ) -> schemas.Recommendation:
+    ) -> Response:
         """Top k items for a user: match, pre-rank, BST rank, rules."""
         pipeline = svc.pipeline  # one bundle for the whole request, whatever reloads meanwhile
-        rec = pipeline.recommend(user_id, k, now)
-        svc.metrics.observe(rec)
-        return schemas.Recommendation.model_validate(rec)
+
+        def run() -> bytes:
+            rec = pipeline.recommend(user_id, k, now)
+            svc.metrics.observe(rec)
+            # JSON straight from the validated model (pydantic-core), not through FastAPI's
+            # response_model round trip via Python objects; the schema is the same
+            return schemas.Recommendation.model_validate(rec).model_dump_json().encode()
+
+        return Response(await svc.run(run), media_type=JSON)
 
     @app.get("/users/{user_id}/history", response_model=schemas.History, responses=errors,
              tags=["recommend"])
-    def history(user_id: str, n: Annotated[int, Query(ge=1, le=200)] = 20) -> schemas.History:
+    async def history(user_id: str,
+                      n: Annotated[int, Query(ge=1, le=200)] = 20) -> schemas.History:
         """The user's last n behaviours in the feature store, newest first."""
-        return schemas.History.model_validate(svc.pipeline.history(user_id, n))
+        pipeline = svc.pipeline
+        return schemas.History.model_validate(await svc.run(lambda: pipeline.history(user_id, n)))
 
     @app.get("/items/{item_id}/similar", response_model=schemas.Similar,
              responses={404: {"model": schemas.Error, "description": "Unknown item"}, **errors},
              tags=["recommend"])
-    def similar(item_id: str,
-                k: Annotated[int, Query(ge=1, le=settings.k_max)] = settings.k_default
-                ) -> schemas.Similar:
+    async def similar(item_id: str,
+                      k: Annotated[int, Query(ge=1, le=settings.k_max)] = settings.k_default
+                      ) -> schemas.Similar:
         """Items similar to one item (item-CF, then two-tower neighbours, then its category)."""
-        return schemas.Similar.model_validate(svc.pipeline.similar(item_id, k))
+        pipeline = svc.pipeline
+        return schemas.Similar.model_validate(await svc.run(lambda: pipeline.similar(item_id, k)))
 
     @app.post("/events", response_model=schemas.IngestResult, dependencies=[Depends(require_key)],
               responses={413: {"model": schemas.Error, "description": "Batch too large"},
                          503: {"model": schemas.Error, "description": "Store unavailable"},
                          **errors}, tags=["events"])
-    def events(body: Annotated[schemas.EventIn | schemas.EventBatch, Body(
+    async def events(body: Annotated[schemas.EventIn | schemas.EventBatch, Body(
             description="One event, or {\"events\": [...]}")]) -> schemas.IngestResult:
         """Record behaviours in the online feature store (atomic per user, idempotent by
         event id); the next /recommend sees them."""
@@ -243,9 +282,10 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                                 f"batch of {len(batch)} events is over the limit of "
                                 f"{settings.max_batch_events}; split it")
+        incoming = [IncomingEvent(e.user_id, e.item_id, e.timestamp, e.event_id) for e in batch]
+        pipeline = svc.pipeline
         try:
-            result = svc.pipeline.ingest([IncomingEvent(e.user_id, e.item_id, e.timestamp,
-                                                        e.event_id) for e in batch])
+            result = await svc.run(lambda: pipeline.ingest(incoming))
         except RequestError:
             svc.metrics.events.labels("rejected").inc(len(batch))
             raise
@@ -270,7 +310,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
                                 bundle=str(new.bundle.path), seconds=round(seconds, 3))
 
     @app.get("/healthz", response_model=schemas.Health, tags=["ops"])
-    def healthz() -> schemas.Health:
+    async def healthz() -> schemas.Health:
         """Liveness: the process answers."""
         return schemas.Health(status="ok")
 
@@ -295,6 +335,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         from fastapi.staticfiles import StaticFiles
 
         app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static")
+    app.add_middleware(_BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(_MetricsMiddleware, metrics=svc.metrics)
     return app
 
