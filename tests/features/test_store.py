@@ -18,6 +18,7 @@ import pytest
 from bstrec.data.schema import Dataset
 from bstrec.features.store import (
     Event,
+    ItemChanges,
     StoreConfig,
     StoreUnavailable,
     id_key,
@@ -26,6 +27,7 @@ from bstrec.features.store import (
     open_store,
     order_key,
 )
+from bstrec.features.store_embedded import EmbeddedStore
 from bstrec.features.store_redis import RedisStore
 from tests.features.conftest import RedisServer, StoreFactory
 from tests.features.workers import append_shuffled, append_then_die
@@ -274,3 +276,51 @@ def test_item_reads_follow_updates_and_hand_out_copies(make_store: StoreFactory)
     assert store.items([1, 2]) == {1: {"category": "b", "tags": []},
                                    2: {"category": "a", "tags": ["x"]}}
     assert loads_features('{"a":1}') == json.loads('{"a":1}')
+
+
+def test_item_versions_tell_what_changed_without_reading_items(make_store: StoreFactory) -> None:
+    """A snapshot carries the item features' version; items_changed(since) gives the items put
+    after it, everything for another epoch (None, or after a clear)."""
+    store, _ = make_store()
+    v0 = store.snapshot(1).items_version
+    assert v0 is not None
+    store.put_items({1: {"category": "a"}, 2: {"category": "b"}})
+    full = store.items_changed(None)
+    assert full.full and full.items == {1: {"category": "a"}, 2: {"category": "b"}}
+    v1 = store.snapshot(1).items_version
+    assert v1 == full.version != v0
+    assert store.items_changed(v1) == ItemChanges(v1, {}, False)
+    store.append(Event(1, 1, 100, "e1"))  # behaviours and profiles leave the version alone
+    store.put_profiles({1: {"age": "3"}})
+    assert store.snapshot(1).items_version == v1
+    store.put_items({2: {"category": "c"}, 3: {"category": "d"}})
+    changed = store.items_changed(v1)
+    assert not changed.full and changed.items == {2: {"category": "c"}, 3: {"category": "d"}}
+    assert changed.version == store.snapshot(1).items_version != v1
+    store.clear()
+    after = store.snapshot(1).items_version
+    assert after is not None and after[0] != v1[0]  # a new epoch: caches start over
+    again = store.items_changed(changed.version)
+    assert again.full and again.items == {}
+    store.put_items({1: {"category": "a"}})
+    assert store.items_changed(changed.version).full
+    assert store.snapshot(1).items_version != changed.version
+
+
+def test_embedded_store_from_before_item_versions_opens(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE items (item_id PRIMARY KEY, features TEXT NOT NULL)")
+    db.execute("INSERT INTO items VALUES (7, '{\"category\": \"a\"}')")
+    db.commit()
+    db.close()
+    store = EmbeddedStore(path)
+    try:
+        assert store.items_changed(None).items == {7: {"category": "a"}}
+        v = store.snapshot(1).items_version
+        store.put_items({8: {"category": "b"}})
+        assert store.items_changed(v).items == {8: {"category": "b"}}
+    finally:
+        store.close()

@@ -12,7 +12,9 @@ import pytest
 from bstrec.features.store import (
     Features,
     FeatureStore,
+    ItemChanges,
     ItemId,
+    ItemsVersion,
     StoreUnavailable,
     UserId,
     UserSnapshot,
@@ -127,6 +129,9 @@ class DownStore(FeatureStore):
         self._down()
 
     def items(self, item_ids: Iterable[ItemId]) -> dict[ItemId, Features]:
+        return self._down()  # type: ignore[no-any-return]
+
+    def items_changed(self, since: ItemsVersion | None) -> ItemChanges:
         return self._down()  # type: ignore[no-any-return]
 
     def ping(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 UserId = int | str
 ItemId = int | str
 Features = dict[str, Any]
+# The version of a store's item features: (epoch, counter). Every put_items raises the counter;
+# clear() (or a Redis that lost its keys) starts a new epoch. Equal versions: equal features.
+ItemsVersion = tuple[str, int]
 
 
 class StoreError(RuntimeError):
@@ -76,11 +80,29 @@ class Behaviour:
 
 @dataclass(frozen=True)
 class UserSnapshot:
-    """A user's state read in one go: behaviours oldest first; profile None = unknown user."""
+    """A user's state read in one go: behaviours oldest first; profile None = unknown user;
+    ``items_version`` the item features' version at that moment (None: not read), so that a
+    reader caching item features knows, without reading them, whether they changed."""
 
     user_id: UserId
     behaviours: tuple[Behaviour, ...]
     profile: Features | None
+    items_version: ItemsVersion | None = None
+
+
+@dataclass(frozen=True)
+class ItemChanges:
+    """What ``items_changed(since)`` read: the items written after ``since`` (``full``: every
+    item of the store, since is of another epoch or None; items absent are not in the store)
+    and the version they bring the reader to."""
+
+    version: ItemsVersion
+    items: dict[ItemId, Features]
+    full: bool
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -191,6 +213,11 @@ class FeatureStore(ABC):
     @abstractmethod
     def items(self, item_ids: Iterable[ItemId]) -> dict[ItemId, Features]:
         """Features of the given items; unknown items are absent from the result."""
+
+    @abstractmethod
+    def items_changed(self, since: ItemsVersion | None) -> ItemChanges:
+        """The items put after version ``since`` (all of them when ``since`` is None or of an
+        older epoch), read consistently with the version returned."""
 
     @abstractmethod
     def ping(self) -> None:

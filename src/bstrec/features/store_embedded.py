@@ -21,13 +21,16 @@ from bstrec.features.store import (
     Event,
     Features,
     FeatureStore,
+    ItemChanges,
     ItemId,
+    ItemsVersion,
     StoreUnavailable,
     UserId,
     UserSnapshot,
     chunks,
     dumps,
     loads_features,
+    new_epoch,
 )
 
 _SCHEMA = """
@@ -42,8 +45,12 @@ CREATE TABLE IF NOT EXISTS behaviours (
 );
 CREATE INDEX IF NOT EXISTS behaviours_order ON behaviours (user_id, ts, item_id, event_id);
 CREATE TABLE IF NOT EXISTS profiles (user_id PRIMARY KEY, profile TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (item_id PRIMARY KEY, features TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (item_id PRIMARY KEY, features TEXT NOT NULL,
+                                  version INTEGER NOT NULL DEFAULT 0);
+-- items_epoch and items_version (ItemsVersion, store.py), items.version: the put that wrote it
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL);
 """
+_VERSION = "SELECT key, value FROM meta WHERE key IN ('items_epoch', 'items_version')"
 
 # the behaviour order (store.py); event_id is TEXT, compared bytewise like Python compares str
 _ORDER = "ts, item_id, event_id"
@@ -70,6 +77,12 @@ class EmbeddedStore(FeatureStore):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         cur.execute(stmt)
+                # a file from before item versions: its items are all of version 0
+                if "version" not in {r[1] for r in cur.execute("PRAGMA table_info(items)")}:
+                    cur.execute("ALTER TABLE items ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+                cur.execute("CREATE INDEX IF NOT EXISTS items_by_version ON items (version)")
+                cur.execute("INSERT OR IGNORE INTO meta VALUES ('items_epoch', ?), "
+                            "('items_version', 0)", (new_epoch(),))
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -143,8 +156,15 @@ class EmbeddedStore(FeatureStore):
                                f"WHERE user_id = ? ORDER BY {_ORDER}", (user_id,)).fetchall()
             prof = cur.execute("SELECT profile FROM profiles WHERE user_id = ?",
                                (user_id,)).fetchone()
+            version = self._version(cur)
         return UserSnapshot(user_id=user_id, behaviours=tuple(Behaviour(*r) for r in rows),
-                            profile=None if prof is None else json.loads(prof[0]))
+                            profile=None if prof is None else json.loads(prof[0]),
+                            items_version=version)
+
+    @staticmethod
+    def _version(cur: sqlite3.Cursor) -> ItemsVersion:
+        meta = dict(cur.execute(_VERSION).fetchall())
+        return str(meta["items_epoch"]), int(meta["items_version"])
 
     def put_profiles(self, profiles: Mapping[UserId, Features]) -> None:
         with self._write() as cur:
@@ -153,8 +173,18 @@ class EmbeddedStore(FeatureStore):
 
     def put_items(self, items: Mapping[ItemId, Features]) -> None:
         with self._write() as cur:
-            cur.executemany("INSERT OR REPLACE INTO items (item_id, features) VALUES (?, ?)",
-                            [(i, dumps(f)) for i, f in items.items()])
+            cur.execute("UPDATE meta SET value = value + 1 WHERE key = 'items_version'")
+            version = self._version(cur)[1]
+            cur.executemany("INSERT OR REPLACE INTO items (item_id, features, version) "
+                            "VALUES (?, ?, ?)", [(i, dumps(f), version) for i, f in items.items()])
+
+    def items_changed(self, since: ItemsVersion | None) -> ItemChanges:
+        with self._read() as cur:
+            version = self._version(cur)
+            full = since is None or since[0] != version[0]
+            rows = cur.execute("SELECT item_id, features FROM items WHERE version > ?",
+                               (-1 if full or since is None else since[1],)).fetchall()
+        return ItemChanges(version, {i: loads_features(f) for i, f in rows}, full)
 
     def items(self, item_ids: Iterable[ItemId]) -> dict[ItemId, Features]:
         ids = list(dict.fromkeys(item_ids))
@@ -175,6 +205,8 @@ class EmbeddedStore(FeatureStore):
         with self._write() as cur:
             for table in ("behaviours", "profiles", "items"):
                 cur.execute(f"DELETE FROM {table}")
+            cur.execute("UPDATE meta SET value = ? WHERE key = 'items_epoch'", (new_epoch(),))
+            cur.execute("UPDATE meta SET value = 0 WHERE key = 'items_version'")
 
     def close(self) -> None:
         with self._lock:

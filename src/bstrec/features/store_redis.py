@@ -8,6 +8,9 @@ Keys (``{user}`` is a hash tag, so one user's keys share a cluster slot):
 - ``<prefix>:u:{<user>}:ids``  hash event id -> member, for idempotence (only the kept behaviours).
 - ``<prefix>:u:{<user>}:profile``  JSON profile.
 - ``<prefix>:items``  hash item key -> JSON features.
+- ``<prefix>:items:epoch``, ``<prefix>:items:version``, ``<prefix>:items:changed`` (sorted set,
+  item key by the version that last wrote it): the item features' version (store.py
+  ``ItemsVersion``); a Redis that lost its keys has no epoch, and the next put starts a new one.
 
 Appends run one Lua script per user (atomic: no reader sees a half-applied append, no two
 writers interleave). Connection failures and timeouts raise :class:`StoreUnavailable` at once (no
@@ -30,7 +33,9 @@ from bstrec.features.store import (
     Event,
     Features,
     FeatureStore,
+    ItemChanges,
     ItemId,
+    ItemsVersion,
     StoreUnavailable,
     UserId,
     UserSnapshot,
@@ -39,6 +44,7 @@ from bstrec.features.store import (
     id_key,
     key_id,
     loads_features,
+    new_epoch,
 )
 
 # KEYS: seq zset, ids hash. ARGV: cap, then (event id, timestamp, item key, event id hex, JSON) per
@@ -72,6 +78,18 @@ end
 return kept
 """
 
+# KEYS: epoch, version, items hash, changed zset. ARGV: an epoch (kept if one exists), then
+# (item key, JSON features) pairs. One version per call; returns it.
+_PUT_ITEMS = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local v = redis.call('INCR', KEYS[2])
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[4], v, ARGV[i])
+end
+return v
+"""
+
 
 class RedisStore(FeatureStore):
     """Redis-backed store (redis-py). Raises StoreUnavailable while the server is unreachable."""
@@ -89,6 +107,9 @@ class RedisStore(FeatureStore):
                                        socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
                                        decode_responses=True)
         self._append = self._r.register_script(_APPEND)
+        self._put_items = self._r.register_script(_PUT_ITEMS)
+        self._item_keys = [f"{prefix}:items:epoch", f"{prefix}:items:version", f"{prefix}:items",
+                           f"{prefix}:items:changed"]
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -134,13 +155,15 @@ class RedisStore(FeatureStore):
             pipe = self._r.pipeline(transaction=True)  # MULTI: both reads see the same state
             pipe.zrange(self._user(user_id, "seq"), 0, -1, withscores=False)
             pipe.get(self._user(user_id, "profile"))
-            members, prof = pipe.execute()
+            pipe.mget(self._item_keys[:2])
+            members, prof, version = pipe.execute()
         out = []
         for m in members:
             b = json.loads(m.rsplit("\x1f", 1)[1])
             out.append(Behaviour(b["item_id"], b["timestamp"], b["event_id"], b["category"]))
         return UserSnapshot(user_id=user_id, behaviours=tuple(out),
-                            profile=None if prof is None else json.loads(prof))
+                            profile=None if prof is None else json.loads(prof),
+                            items_version=_version(version))
 
     def put_profiles(self, profiles: Mapping[UserId, Features]) -> None:
         with self._errors():
@@ -150,7 +173,30 @@ class RedisStore(FeatureStore):
     def put_items(self, items: Mapping[ItemId, Features]) -> None:
         with self._errors():
             for part in chunks(list(items.items()), 5_000):
-                self._r.hset(f"{self.prefix}:items", mapping={id_key(i): dumps(f) for i, f in part})
+                args: list[Any] = [new_epoch()]
+                for i, f in part:
+                    args += [id_key(i), dumps(f)]
+                self._put_items(keys=self._item_keys, args=args)
+
+    def items_changed(self, since: ItemsVersion | None) -> ItemChanges:
+        epoch_key, version_key, items_key, changed_key = self._item_keys
+        with self._errors():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.mget([epoch_key, version_key])
+            pipe.zrangebyscore(changed_key, f"({-1 if since is None else since[1]}", "+inf")
+            raw_version, keys = pipe.execute()
+            version = _version(raw_version)
+            full = since is None or since[0] != version[0]
+            found: dict[Any, Any]  # str -> str (decode_responses)
+            if full:
+                found = self._r.hgetall(items_key)
+            else:
+                # read after the version: an item put meanwhile comes with its newer features,
+                # which the next version check reads again (no reader is left behind)
+                values = self._r.hmget(items_key, keys) if keys else []
+                found = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        return ItemChanges(version, {key_id(str(k)): loads_features(v) for k, v in found.items()},
+                           full)
 
     def items(self, item_ids: Iterable[ItemId]) -> dict[ItemId, Features]:
         keys = [id_key(i) for i in dict.fromkeys(item_ids)]
@@ -173,3 +219,9 @@ class RedisStore(FeatureStore):
 
     def close(self) -> None:
         self._r.close()
+
+
+def _version(raw: list[str | None]) -> ItemsVersion:
+    """(epoch, counter) from their keys; no epoch yet: ("", 0), which no put gives."""
+    epoch, counter = raw
+    return (epoch or "", int(counter or 0)) if epoch else ("", 0)
