@@ -322,3 +322,46 @@ def test_candidate_batch_from_the_query_row_equals_the_full_rows(
             for name, t in want.items():
                 assert got[name].dtype == t.dtype and torch.equal(got[name], t), (user, name)
     store.close()
+
+
+def test_item_table_rows_equal_item_inputs_and_follow_updates(
+        fixture_samples: tuple[Dataset, SampleSet]) -> None:
+    """ItemTable (the catalogue's item inputs as arrays) gives what item_inputs gives, for
+    known, featureless, unknown and repeated items, the query row too; ``updated`` re-encodes
+    the items given and leaves the old table as it was."""
+    ds, samples = fixture_samples
+    from bstrec.features.online import ItemTable
+    from bstrec.features.store_embedded import EmbeddedStore
+
+    store = EmbeddedStore(":memory:", max_events=5)
+    store.load_dataset(ds)
+    online = OnlineFeatures(samples.vocabs, samples.spec)
+    catalogue = store.items(samples.vocabs["item_id"].values)
+    table = ItemTable.build(online, catalogue)
+
+    def same(a: Batch, b: Batch) -> None:
+        assert a.keys() == b.keys()
+        for name, t in b.items():
+            assert a[name].dtype == t.dtype and torch.equal(a[name], t), name
+
+    for cands in (["i01", "i05", "i39", "nope", "i11", "i05", "i07"], ["i00"], []):
+        want = online.item_inputs(catalogue, cands)
+        same(table.inputs_of(cands), want)
+        if all(c in samples.vocabs["item_id"].index for c in cands):
+            same(table.inputs(table.indices(cands)), want)
+    for user in ["u01", "u02", "u24", "ghost"]:
+        snap = store.snapshot(user)
+        same(online.query_row(snap, table, "i02", 1_800_000_000),
+             online.query_row(snap, catalogue, "i02", 1_800_000_000))
+    new = {**catalogue["i05"], "brand": "never-seen", "tags": ["t1", "t2", "t3", "t4", "t5"],
+           "category": "c-new"}
+    newer = table.updated({"i05": new}, ("e", 1))
+    changed = {**catalogue, "i05": new}
+    same(newer.inputs_of(["i05", "i01"]), online.item_inputs(changed, ["i05", "i01"]))
+    assert newer.categories[newer.indices(["i05"])[0]] == "c-new" and newer.version == ("e", 1)
+    same(table.inputs_of(["i05"]), online.item_inputs(catalogue, ["i05"]))  # unchanged
+    # a full re-read starts from a base: items it lacks lose their features (OOV)
+    rebuilt = table.updated({"i01": catalogue["i01"]}, ("f", 1), base={})
+    same(rebuilt.inputs_of(["i01", "i05"]), online.item_inputs({"i01": catalogue["i01"]},
+                                                              ["i01", "i05"]))
+    store.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from bstrec.features.store import (
     Features,
@@ -152,3 +153,38 @@ def test_store_down_answers_from_fallbacks_and_says_so(bundle: Bundle) -> None:
     assert all(i.category is not None for i in rec.items)  # item features from the bundle
     with pytest.raises(StoreUnavailable):
         pipeline.ingest([IncomingEvent(3, 5)])
+
+
+def test_item_features_are_read_only_when_the_store_changes_them(
+        pipeline: Pipeline, store: FeatureStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests read the store's item version with the user; the item table is re-read only
+    when it moved (the items put since), and an update is served by the next request."""
+    reads: list[object] = []
+    real = store.items_changed
+
+    def counted(since: ItemsVersion | None) -> ItemChanges:
+        reads.append(since)
+        return real(since)
+
+    monkeypatch.setattr(store, "items_changed", counted)
+    first = pipeline.recommend(3, k=5, now=1_800_000_000)
+    assert reads == [None]  # the first request reads the store's items once, all of them
+    version = pipeline.table.version
+    assert version == store.snapshot(3).items_version
+    again = pipeline.recommend(3, k=5, now=1_800_000_000)
+    assert len(reads) == 1 and [i.item_id for i in again.items] == [i.item_id for i in first.items]
+    item = first.items[0].item_id
+    store.put_items({item: {**store.items([item])[item], "category": "renamed"}})
+    pipeline.recommend(3, k=5, now=1_800_000_000)
+    assert reads[1:] == [version]  # only what changed since
+    table = pipeline.table
+    assert table.version == store.snapshot(3).items_version != version
+    assert table.categories[table.indices([item])[0]] == "renamed"
+    features = store.items([item])
+    want = pipeline.features.item_inputs(features, [item])
+    got = table.inputs_of([item])
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    # a cleared store: a new epoch, every item read again (none: the bundle's features)
+    store.clear()
+    pipeline.recommend(3, k=5, now=1_800_000_000)
+    assert pipeline.table.categories[table.indices([item])[0]] == first.items[0].category

@@ -43,12 +43,13 @@ from bstrec.data.samples import (
     list_series,
     sort_events,
 )
-from bstrec.features.spec import OOV, FeatureSpec
+from bstrec.features.spec import N_RESERVED, OOV, FeatureSpec
 from bstrec.features.store import (
     Behaviour,
     Features,
     FeatureStore,
     ItemId,
+    ItemsVersion,
     UserId,
     UserSnapshot,
     check_id,
@@ -325,8 +326,8 @@ class OnlineFeatures:
             batch[n] = torch.from_numpy(pad_flat(lengths, flat, width, right_align=False))
         return {f.name: batch[f.name] for f in self.spec.features if f.name in batch}
 
-    def query_row(self, snapshot: UserSnapshot, items: Mapping[ItemId, Features], probe: ItemId,
-                  request_ts: int) -> Batch:
+    def query_row(self, snapshot: UserSnapshot, items: Mapping[ItemId, Features] | ItemTable,
+                  probe: ItemId, request_ts: int) -> Batch:
         """``tensors(rows(snapshot, items, [probe], request_ts))`` without frames: the user's
         one row (history, profile, context; ``probe`` as its target) by the offline builder's
         helpers on arrays: ``behaviour_order``, ``history_slices``, ``history_arrays``,
@@ -334,10 +335,13 @@ class OnlineFeatures:
         ``history_tensors``. Equal to the frame path (tests/features/test_online.py)."""
         hist = self._history(snapshot, request_ts)
         ids = [b.item_id for b in hist]
-        entries = self._item_codes(ids, items)
-        item_pos = self.item_cats.index("item")
-        ev_item = np.array([entries[i][2].cats[item_pos] if i in entries else OOV for i in ids],
-                           dtype=np.int64)
+        if isinstance(items, ItemTable):
+            ev_item = items.item_codes(ids)
+        else:
+            entries = self._item_codes(ids, items)
+            item_pos = self.item_cats.index("item")
+            ev_item = np.array([entries[i][2].cats[item_pos] if i in entries else OOV
+                                for i in ids], dtype=np.int64)
         cat_index = self.vocabs["category"].index
         ev_cat = np.array([OOV if b.category is None else cat_index.get(b.category, OOV)
                            for b in hist], dtype=np.int64)
@@ -349,7 +353,8 @@ class OnlineFeatures:
         hour, dow = hour_and_weekday(request_ts)
         out: Batch = dict(zip(self.user_cats, torch.from_numpy(self._user_row(snapshot))[:, None],
                               strict=True))
-        out |= self.item_inputs(items, [probe])
+        out |= items.inputs_of([probe]) if isinstance(items, ItemTable) \
+            else self.item_inputs(items, [probe])
         out["hour"] = torch.tensor([self.vocabs["hour"].index.get(hour, OOV)])
         out["dow"] = torch.tensor([self.vocabs["dow"].index.get(dow, OOV)])
         batch = {f.name: out[f.name] for f in self.spec.features}
@@ -411,3 +416,92 @@ class OnlineFeatures:
     def batch_from_store(self, store: FeatureStore, user_id: UserId, candidates: Sequence[ItemId],
                          request_ts: int) -> Batch:
         return self.tensors(self.rows_from_store(store, user_id, candidates, request_ts))
+
+
+class ItemTable:
+    """The catalogue's target-item inputs as arrays indexed by vocabulary index: what
+    ``OnlineFeatures.item_inputs`` gives for those items, one fancy index per column a request
+    instead of a feature read and a lookup per candidate. Built from features (the bundle's,
+    overlaid with the store's); immutable: ``updated`` gives a new table (copy on write) that
+    the caller swaps in, so readers never see half an update. ``version``: the store's item
+    version it reflects (None: not read from a store).
+
+    Notation: V vocabulary size (reserved indices included), N candidates.
+    """
+
+    def __init__(self, online: OnlineFeatures, features: dict[int, Features],
+                 version: ItemsVersion | None) -> None:
+        self.online = online
+        self.version = version
+        self.vocab = online.vocabs["item_id"]
+        self.features = features  # vocabulary index -> the features encoded (present items)
+        v = len(self.vocab.values) + N_RESERVED
+        absent = _ItemCodes((OOV,) * len(online.item_cats), ((),) * len(online.item_multis))
+        idx = sorted(features)
+        raw = [self.vocab.values[i - N_RESERVED] for i in idx]
+        entries = online._item_codes(raw, {r: features[i] for r, i in zip(raw, idx, strict=True)})
+        codes = [absent] * v
+        for r, i in zip(raw, idx, strict=True):
+            codes[i] = entries[r][2]
+        self.present = np.zeros(v, dtype=bool)
+        self.present[idx] = True
+        self.cats = np.array([c.cats for c in codes], dtype=np.int64).reshape(
+            v, len(online.item_cats))  # (V, n_cats)
+        self.multi: list[tuple[np.ndarray, np.ndarray]] = []  # per multi column: (V,), (V, W)
+        for k in range(len(online.item_multis)):
+            lists = [c.multi[k] for c in codes]
+            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=v)
+            flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64,
+                               count=int(lengths.sum()))
+            self.multi.append((lengths, pad_flat(lengths, flat, max(1, int(lengths.max())),
+                                                 right_align=False)))
+        cat: list[str | None] = [None] * v
+        for i, f in features.items():
+            c = f.get("category")
+            cat[i] = None if c is None else str(c)
+        self.categories: list[str | None] = cat
+        self.item_pos = online.item_cats.index("item")
+
+    @classmethod
+    def build(cls, online: OnlineFeatures, items: Mapping[ItemId, Features],
+              version: ItemsVersion | None = None) -> ItemTable:
+        """The table of the vocabulary's items that ``items`` holds (others: out of vocabulary
+        codes, as ``item_inputs`` gives items missing from its mapping)."""
+        index = online.vocabs["item_id"].index
+        feats = {index[i]: f for i, f in items.items() if i in index}
+        return cls(online, feats, version)
+
+    def updated(self, items: Mapping[ItemId, Features], version: ItemsVersion | None, *,
+                base: Mapping[ItemId, Features] | None = None) -> ItemTable:
+        """A new table: ``items``' features replace the present ones; with ``base``, the table
+        starts from ``base`` instead of this table's features (a full re-read)."""
+        index = self.vocab.index
+        feats = dict(self.features) if base is None else \
+            {index[i]: f for i, f in base.items() if i in index}
+        feats.update({index[i]: f for i, f in items.items() if i in index})
+        return ItemTable(self.online, feats, version)
+
+    def indices(self, ids: Sequence[ItemId]) -> I64:
+        index = self.vocab.index
+        return np.fromiter((index.get(i, OOV) for i in ids), dtype=np.int64, count=len(ids))
+
+    def item_codes(self, ids: Sequence[ItemId]) -> I64:
+        """(N,) the ``item`` column's codes of raw ids (OOV: unknown or without features)."""
+        # items without features have the out-of-vocabulary row
+        out: I64 = self.cats[self.indices(ids), self.item_pos]
+        return out
+
+    def inputs(self, idx: I64) -> Batch:
+        """(N,) vocabulary indices -> the candidates' item inputs, as ``item_inputs`` gives
+        them for those items (multi-hot as wide as the longest list, at least 1)."""
+        cats = self.cats[idx]
+        batch: Batch = {n: torch.from_numpy(np.ascontiguousarray(cats[:, k]))
+                        for k, n in enumerate(self.online.item_cats)}
+        for n, (lengths, padded) in zip(self.online.item_multis, self.multi, strict=True):
+            width = max(1, int(lengths[idx].max())) if len(idx) else 1
+            batch[n] = torch.from_numpy(np.ascontiguousarray(padded[idx, :width]))
+        return {f.name: batch[f.name] for f in self.online.spec.features if f.name in batch}
+
+    def inputs_of(self, ids: Sequence[ItemId]) -> Batch:
+        """``inputs`` of raw ids (unknown ones: out of vocabulary codes)."""
+        return self.inputs(self.indices(ids))

@@ -9,13 +9,19 @@
 5. rules: seen filter, per-category cap (rules.py); top K with score, sources, model version.
 
 When the feature store is unreachable the request still gets an answer: the user is served as
-a cold-start user (no history, no profile) and item features come from the bundle; the result
-says ``degraded`` and why. An unknown user is no error: they take the cold-start path.
+a cold-start user (no history, no profile) and item features are the last ones read (the
+bundle's until the store was read); the result says ``degraded`` and why.
+
+Item features: the catalogue's item inputs are kept as arrays by vocabulary index
+(``ItemTable``), the bundle's overlaid with the store's. Each snapshot carries the store's item
+version; the table is re-read (only the items put since) when that version moves, so a request
+reads no item features while they do not change and never serves older ones than it saw. An unknown user is no error: they take the cold-start path.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from bstrec.features.online import OnlineFeatures
+from bstrec.features.online import ItemTable, OnlineFeatures
 from bstrec.features.spec import N_RESERVED, OOV
 from bstrec.features.store import (
     Event,
@@ -167,7 +173,10 @@ class Pipeline:
         self.guard = guard
         self.clock = clock
         self.features = OnlineFeatures(bundle.vocabs, bundle.spec)
-        self.features.warm(bundle.items)  # the catalogue's codes, before the first request
+        # the catalogue's item inputs, from the bundle until a request reads the store's
+        # version of them (_item_table)
+        self.table = ItemTable.build(self.features, bundle.items)
+        self._table_lock = threading.Lock()
         self.matcher = OnlineMatcher(bundle)
         self.item_vocab = bundle.vocabs["item_id"]
         # the query row's target: any real item (retrieval reads the history, profile and
@@ -210,20 +219,27 @@ class Pipeline:
                            "history and profile (cold start)")
             return UserSnapshot(user, (), None)
 
-    def _items(self, ids: Sequence[ItemId], reasons: list[str],
-               use_store: bool) -> dict[ItemId, Features]:
-        """Item features from the store (it may hold newer ones), else from the bundle."""
-        found: dict[ItemId, Features] = {}
-        if use_store and not reasons:
+    def _item_table(self, snapshot: UserSnapshot, reasons: list[str],
+                    use_store: bool) -> ItemTable:
+        """The item table at the store's item version of ``snapshot``: the table in use while
+        the version is the same (no item read at all), else the table with the items put since
+        (all of the store's, over the bundle's, after a new epoch) read and encoded, swapped in
+        for the requests that follow. A store that fails meanwhile leaves the last table."""
+        table, version = self.table, snapshot.items_version
+        if not use_store or reasons or version is None or version == table.version:
+            return table
+        with self._table_lock:  # one reader per change, the others wait for its table
+            table = self.table
+            if version == table.version:
+                return table
             try:
-                found = self.guard.call(lambda s: s.items(ids))
+                changes = self.guard.call(lambda s: s.items_changed(table.version))
             except StoreUnavailable as exc:
-                reasons.append(f"feature store unavailable ({exc}): item features from the "
-                               "bundle")
-        for i in ids:
-            if i not in found and i in self.bundle.items:
-                found[i] = self.bundle.items[i]
-        return found
+                reasons.append(f"feature store unavailable ({exc}): item features as last read")
+                return table
+            self.table = table = table.updated(
+                changes.items, changes.version, base=self.bundle.items if changes.full else None)
+        return table
 
     # --- recommend ----------------------------------------------------------------------------
     def recommend(self, user_id: object, k: int = 10, now: int | None = None) -> Recommendation:
@@ -246,9 +262,8 @@ class Pipeline:
         snapshot = self._snapshot(user, reasons, use_store)
         watch.lap("store")
 
-        items = self._items(self.features.item_ids_needed(snapshot, [self.probe_item], ts),
-                            reasons, use_store)
-        row = self.features.query_row(snapshot, items, self.probe_item, ts)
+        table = self._item_table(snapshot, reasons, use_store)
+        row = self.features.query_row(snapshot, table, self.probe_item, ts)
         seen_raw = {b.item_id for b in snapshot.behaviours}
         seen = np.array([i for i in self.item_vocab.encode_values(seen_raw) if i >= N_RESERVED],
                         dtype=np.int64)
@@ -261,16 +276,17 @@ class Pipeline:
         order = np.argsort(-pre, kind="stable")[:self.bundle.config.rank_n]
         watch.lap("prerank")
 
-        cands = [self._raw(int(matched.ids[i])) for i in order]
-        missing = [c for c in cands if c not in items]
-        if missing:
-            items.update(self._items(missing, reasons, use_store))
+        cand_idx = matched.ids[order]
+        values = self.item_vocab.values
+        cands = [values[i] for i in (cand_idx - N_RESERVED).tolist()]
+        cats = [table.categories[i] for i in cand_idx.tolist()]
         scores = np.zeros(0, dtype=np.float32)
         if cands:
             # the query row already holds the user's history, profile and context: only the
-            # candidates' item columns are encoded here, and the ranker's request-shaped graph
-            # takes the shared inputs once (equal to rows() + the batch graph, tested)
-            cand_inputs = self.features.item_inputs(items, cands)
+            # candidates' item columns are taken here (rows of the item table), and the
+            # ranker's request-shaped graph takes the shared inputs once (equal to rows() + the
+            # batch graph, tested)
+            cand_inputs = table.inputs(cand_idx)
             watch.lap("rank_features")
             scores = self.bundle.ranker.score_request(row, cand_inputs)
         else:
@@ -282,12 +298,12 @@ class Pipeline:
         # rules read ids and categories, and only the k kept become response items
         best = np.argsort(-scores, kind="stable")
         kept = apply_rules(best.tolist(), k, item_of=lambda j: cands[j],
-                           category_of=lambda j: self._category(items.get(cands[j])),
+                           category_of=lambda j: cats[j],
                            seen=seen_raw, max_per_category=self.bundle.config.max_per_category)
         final = [RecommendedItem(item_id=cands[j], score=float(scores[j]),
                                  prerank_score=float(pre[order[j]]),
                                  sources=matched.sources(int(order[j])),
-                                 category=self._category(items.get(cands[j])),
+                                 category=cats[j],
                                  model_version=version, title=self._title(cands[j]))
                  for j in kept]
         watch.lap("rules")
