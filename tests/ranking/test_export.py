@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bstrec.ranking import build_ranker
 from bstrec.ranking.export import export_ranker, load_runtime, model_inputs
-from tests.ranking.test_models import BST_ABLATIONS, make_batch, make_spec
+from tests.ranking.test_models import BST_ABLATIONS, briefly_trained, make_batch, make_spec
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
 pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo exporter)")
@@ -21,17 +20,8 @@ CASES = [("bst", {}), ("din", {}), ("wdl", {}), ("wdl_seq", {}),
 
 @pytest.mark.parametrize(("name", "overrides"), CASES, ids=lambda c: str(c))
 def test_export_parity(name: str, overrides: dict[str, object], tmp_path: Path) -> None:
-    torch.manual_seed(0)
     spec = make_spec()
-    model = build_ranker(name, spec, {"mlp": [64, 32], **overrides})
-    # a few training steps so that Dice's running statistics are not their defaults
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for seed in range(3):
-        b = make_batch(spec, 32, seed=seed)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b["label"])
-        opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
+    model = briefly_trained(name, overrides)
     path = export_ranker(model, spec, tmp_path / f"{name}.onnx")
     assert model.training  # export leaves the model's mode as it found it
     model.eval()

@@ -63,6 +63,22 @@ def make_batch(spec: FeatureSpec, n: int, *, seed: int = 0, multi_width: int = 3
     return b
 
 
+def briefly_trained(name: str, overrides: dict[str, object]) -> torch.nn.Module:
+    """Ranker ``name`` (MLP 64-32 unless overridden) after three Adam steps on random batches,
+    so that learned statistics (DIN's Dice) are not their defaults; left in training mode."""
+    torch.manual_seed(0)
+    spec = make_spec()
+    model = build_ranker(name, spec, {"mlp": [64, 32], **overrides})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for seed in range(3):
+        b = make_batch(spec, 32, seed=seed)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b["label"])
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+    return model
+
+
 def history_task(spec: FeatureSpec, n: int, seed: int) -> Batch:
     """Label = target's category is in the history, OR user_gender == 2.
 

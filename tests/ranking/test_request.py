@@ -16,7 +16,7 @@ from bstrec.ranking import build_ranker
 from bstrec.ranking.bst import BST
 from bstrec.ranking.export import export_request_ranker, load_runtime, request_inputs
 from bstrec.ranking.request import broadcast, forward_request, item_names, shared_names
-from tests.ranking.test_models import Batch, make_batch, make_spec
+from tests.ranking.test_models import Batch, briefly_trained, make_batch, make_spec
 
 TARGET = {"output": "target"}
 CASES = [("bst", TARGET), ("bst", {**TARGET, "position": "slot"}),
@@ -28,17 +28,7 @@ CASES = [("bst", TARGET), ("bst", {**TARGET, "position": "slot"}),
 
 def trained(name: str, overrides: dict[str, object]) -> torch.nn.Module:
     """A ranker after a few steps (Dice's running statistics moved), in eval mode."""
-    torch.manual_seed(0)
-    spec = make_spec()
-    model = build_ranker(name, spec, {"mlp": [64, 32], **overrides})
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for seed in range(3):
-        b = make_batch(spec, 32, seed=seed)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b["label"])
-        opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-    return model.eval()
+    return briefly_trained(name, overrides).eval()
 
 
 def requests(n: int, seed: int, multi_width: int = 3) -> list[tuple[Batch, Batch]]:
