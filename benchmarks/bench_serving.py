@@ -437,6 +437,8 @@ class Level:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     freshness_ms: list[float] = field(default_factory=list)
+    client_cpu_s: float = 0.0  # CPU of this load process while the level ran (process_time)
+    server_cpu_s: float = 0.0  # CPU of the server's processes (workers included), from /proc
 
 
 @dataclass
@@ -507,8 +509,31 @@ async def probe_loop(http: Any, level: Level, users: list[int], deadline: Deadli
     deadline.at = time.perf_counter()
 
 
+def tree_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` and its descendants (Linux /proc; 0.0
+    elsewhere or without a pid)."""
+    if pid is None or not Path("/proc").is_dir():
+        return 0.0
+    stats: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stats[int(d.name)] = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / tick
+        todo += [c for c, f in stats.items() if int(f[1]) == p]
+    return total
+
+
 async def run_level(url: str, clients: int, duration: float, warmup: float, users: list[int],
-                    items: list[int], share: float, seed: int, probes: int = 0) -> Level:
+                    items: list[int], share: float, seed: int, probes: int = 0,
+                    server_pid: int | None = None) -> Level:
     import httpx
 
     level = Level()
@@ -518,13 +543,15 @@ async def run_level(url: str, clients: int, duration: float, warmup: float, user
         end = Deadline(time.perf_counter() + warmup)
         await asyncio.gather(*(client_loop(http, Level(), users, items, share, end, r, False)
                                for r in rngs))
-        t0 = time.perf_counter()
+        t0, cpu0, server0 = time.perf_counter(), time.process_time(), tree_cpu_s(server_pid)
         end = Deadline(t0 + duration)
         tasks = [client_loop(http, level, users, items, share, end, r, True) for r in rngs]
         if probes:
             tasks.append(probe_loop(http, level, random.Random(seed).sample(users, probes), end))
         await asyncio.gather(*tasks)
         level.seconds = time.perf_counter() - t0
+        level.client_cpu_s = time.process_time() - cpu0
+        level.server_cpu_s = tree_cpu_s(server_pid) - server0
     return level
 
 
@@ -554,6 +581,12 @@ def summarize(level: Level) -> dict[str, Any]:
         "source_attributions_mean": float(np.mean(level.candidates)) if level.candidates else 0.0,
         "stages_ms": {s: {"p50": pct(v, 50), "p99": pct(v, 99)} for s, v in level.stages.items()},
         "seconds": level.seconds,
+        # CPU per request (/recommend and /events alike) of the load generator and the server:
+        # they share the machine's cores
+        "client_cpu_ms_per_request": level.client_cpu_s / max(n, 1) * 1e3,
+        "client_cores": level.client_cpu_s / level.seconds,
+        "server_cpu_ms_per_request": level.server_cpu_s / max(n, 1) * 1e3,
+        "server_cores": level.server_cpu_s / level.seconds,
     }
 
 
@@ -580,15 +613,17 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "| server (ranker, uvicorn workers) | clients | p50 (ms) | p95 (ms) | p99 (ms) | "
         "requests/s | requests | errors | "
-        "server p50 / p99 (ms) | /events p50 (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "server p50 / p99 (ms) | /events p50 (ms) | CPU ms/request server / load generator |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, var in r["servers"].items():
         for k, v in var["concurrency"].items():
             lines.append(f"| {name} | {k} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} | "
                          f"{v['p99_ms']:.1f} | {v['requests_per_s']:.1f} | {v['requests']} | "
                          f"{v['errors']} | {v['server_p50_ms']:.1f} / {v['server_p99_ms']:.1f} | "
-                         f"{v['events_p50_ms']:.1f} |")
+                         f"{v['events_p50_ms']:.1f} | "
+                         f"{v.get('server_cpu_ms_per_request', float('nan')):.2f} / "
+                         f"{v.get('client_cpu_ms_per_request', float('nan')):.2f} |")
     lines += ["", "Per-stage server time of `/recommend` (the response's `timings_ms`), "
               "median / p99 in ms:", "",
               "| server | clients | " + " | ".join(STAGES) + " |",
@@ -789,11 +824,13 @@ def main() -> None:
             out["healthz_ms"] = {"p50": pct(hz, 50), "p99": pct(hz, 99)}
             for c in args.levels:
                 lv = asyncio.run(run_level(url, c, args.duration, args.warmup, users, items,
-                                           args.events_share, seed=c))
+                                           args.events_share, seed=c, server_pid=proc.pid))
                 out["concurrency"][str(c)] = s = summarize(lv)
                 print(f"  {c:>2} clients: p50 {s['p50_ms']:.1f} p95 {s['p95_ms']:.1f} "
                       f"p99 {s['p99_ms']:.1f} ms, {s['requests_per_s']:.1f} req/s, "
-                      f"{s['requests']} requests, {s['errors']} errors; stages p50 "
+                      f"{s['requests']} requests, {s['errors']} errors; CPU ms/request "
+                      f"server {s['server_cpu_ms_per_request']:.2f} client "
+                      f"{s['client_cpu_ms_per_request']:.2f}; stages p50 "
                       + " ".join(f"{k}={v['p50']:.1f}" for k, v in s["stages_ms"].items()))
             if n == 0:  # freshness with the primary variant only: it does not depend on the ranker
                 print(f"freshness: {GOAL_CLIENTS} clients + a probe ...")
