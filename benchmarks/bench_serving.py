@@ -438,6 +438,7 @@ class Level:
     seconds: float = 0.0
     freshness_ms: list[float] = field(default_factory=list)
     client_cpu_s: float = 0.0  # CPU of this load process while the level ran (process_time)
+    connections_per_worker: dict[int, int] = field(default_factory=dict)  # by worker pid
     server_cpu_s: float = 0.0  # CPU of the server's processes (workers included), from /proc
 
 
@@ -531,27 +532,55 @@ def tree_cpu_s(pid: int | None) -> float:
     return total
 
 
-async def run_level(url: str, clients: int, duration: float, warmup: float, users: list[int],
-                    items: list[int], share: float, seed: int, probes: int = 0,
-                    server_pid: int | None = None) -> Level:
+async def worker_clients(url: str, n: int, workers: int) -> tuple[list[Any], dict[int, int]]:
+    """``n`` HTTP clients of one keep-alive connection each, spread evenly over the server's
+    worker processes, as a load balancer in front of them would spread them. Workers share one
+    listening socket and the kernel gives a new connection to whichever accepts first, so left
+    alone 4 connections can all land on one worker, leaving a core idle: a connection whose
+    worker (``/healthz`` says which) already has its share is closed and opened again."""
     import httpx
 
+    share = -(-n // workers)
+    per_worker: dict[int, int] = {}
+    out = []
+    for _ in range(n):
+        for attempt in range(50):
+            http = httpx.AsyncClient(base_url=url, timeout=30.0, limits=httpx.Limits(
+                max_connections=1, max_keepalive_connections=1))
+            pid = int((await http.get("/healthz")).json()["pid"])
+            if per_worker.get(pid, 0) < share or attempt == 49:
+                break
+            await http.aclose()
+        per_worker[pid] = per_worker.get(pid, 0) + 1
+        out.append(http)
+    return out, per_worker
+
+
+async def run_level(url: str, clients: int, duration: float, warmup: float, users: list[int],
+                    items: list[int], share: float, seed: int, probes: int = 0,
+                    server_pid: int | None = None, workers: int = 1) -> Level:
     level = Level()
-    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as http:
+    https, level.connections_per_worker = await worker_clients(url, clients + bool(probes),
+                                                               workers)
+    try:
         rngs = [random.Random(seed * 1000 + i) for i in range(clients)]
         end = Deadline(time.perf_counter() + warmup)
-        await asyncio.gather(*(client_loop(http, Level(), users, items, share, end, r, False)
-                               for r in rngs))
+        await asyncio.gather(*(client_loop(h, Level(), users, items, share, end, r, False)
+                               for h, r in zip(https, rngs, strict=False)))
         t0, cpu0, server0 = time.perf_counter(), time.process_time(), tree_cpu_s(server_pid)
         end = Deadline(t0 + duration)
-        tasks = [client_loop(http, level, users, items, share, end, r, True) for r in rngs]
+        tasks = [client_loop(h, level, users, items, share, end, r, True)
+                 for h, r in zip(https, rngs, strict=False)]
         if probes:
-            tasks.append(probe_loop(http, level, random.Random(seed).sample(users, probes), end))
+            tasks.append(probe_loop(https[-1], level, random.Random(seed).sample(users, probes),
+                                    end))
         await asyncio.gather(*tasks)
         level.seconds = time.perf_counter() - t0
         level.client_cpu_s = time.process_time() - cpu0
         level.server_cpu_s = tree_cpu_s(server_pid) - server0
+    finally:
+        for h in https:
+            await h.aclose()
     return level
 
 
@@ -587,6 +616,7 @@ def summarize(level: Level) -> dict[str, Any]:
         "client_cores": level.client_cpu_s / level.seconds,
         "server_cpu_ms_per_request": level.server_cpu_s / max(n, 1) * 1e3,
         "server_cores": level.server_cpu_s / level.seconds,
+        "connections_per_worker": sorted(level.connections_per_worker.values(), reverse=True),
     }
 
 
@@ -824,7 +854,8 @@ def main() -> None:
             out["healthz_ms"] = {"p50": pct(hz, 50), "p99": pct(hz, 99)}
             for c in args.levels:
                 lv = asyncio.run(run_level(url, c, args.duration, args.warmup, users, items,
-                                           args.events_share, seed=c, server_pid=proc.pid))
+                                           args.events_share, seed=c, server_pid=proc.pid,
+                                           workers=workers))
                 out["concurrency"][str(c)] = s = summarize(lv)
                 print(f"  {c:>2} clients: p50 {s['p50_ms']:.1f} p95 {s['p95_ms']:.1f} "
                       f"p99 {s['p99_ms']:.1f} ms, {s['requests_per_s']:.1f} req/s, "
@@ -836,7 +867,8 @@ def main() -> None:
                 print(f"freshness: {GOAL_CLIENTS} clients + a probe ...")
                 # up to 120 s: the level ends when the probes are done
                 lv = asyncio.run(run_level(url, GOAL_CLIENTS, 120.0, args.warmup, users, items,
-                                           args.events_share, seed=99, probes=args.probes))
+                                           args.events_share, seed=99, probes=args.probes,
+                                           workers=workers))
                 fresh = {"p50": pct(lv.freshness_ms, 50), "p99": pct(lv.freshness_ms, 99),
                          "max": max(lv.freshness_ms, default=float("nan")),
                          "probes": len(lv.freshness_ms), "errors": len(lv.errors),

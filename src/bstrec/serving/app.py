@@ -14,6 +14,7 @@ at ``/`` (``Settings.static_dir``) without hiding any of them.
 # and they refer to this factory's local variables (settings, the key header).
 import asyncio
 import logging
+import os
 import secrets
 import threading
 import time
@@ -312,7 +313,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     @app.get("/healthz", response_model=schemas.Health, tags=["ops"])
     async def healthz() -> schemas.Health:
         """Liveness: the process answers."""
-        return schemas.Health(status="ok")
+        return schemas.Health(status="ok", pid=os.getpid())
 
     @app.get("/readyz", response_model=schemas.Ready, tags=["ops"])
     def readyz() -> schemas.Ready:

@@ -15,7 +15,8 @@ bundle's until the store was read); the result says ``degraded`` and why.
 Item features: the catalogue's item inputs are kept as arrays by vocabulary index
 (``ItemTable``), the bundle's overlaid with the store's. Each snapshot carries the store's item
 version; the table is re-read (only the items put since) when that version moves, so a request
-reads no item features while they do not change and never serves older ones than it saw. An unknown user is no error: they take the cold-start path.
+reads no item features while they do not change and never serves older ones than it saw. An
+unknown user is no error: they take the cold-start path.
 """
 
 from __future__ import annotations

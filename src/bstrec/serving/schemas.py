@@ -97,6 +97,7 @@ class Ready(_Model):
 
 class Health(_Model):
     status: str
+    pid: int = Field(description="The worker process that answered (several with --workers)")
 
 
 class ReloadRequest(_Model):
