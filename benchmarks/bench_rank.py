@@ -173,6 +173,33 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_notes(names: list[str], train_results: dict[str, list[dict[str, Any]]],
+              args: argparse.Namespace, out_of_time: bool) -> list[str]:
+    """What a reader of the table must know that the table does not show, from the runs."""
+    notes = []
+    missing = [n for n in names if n not in train_results]
+    if out_of_time:
+        notes.append(f"- Stopped starting runs after the {args.budget_minutes:.0f}-minute budget"
+                     + (f": not run are {', '.join(missing)}" if missing else "") + ".")
+    short = {n: sorted({r["train_config"]["max_epochs"] for r in rs}) for n, rs in
+             train_results.items() if any(r["train_config"]["max_epochs"] != args.max_epochs
+                                          for r in rs)}
+    for name, epochs in short.items():
+        stopped = all(r["result"]["best_epoch"] < len(r["result"]["history"])
+                      for r in train_results[name])
+        notes.append(f"- {name} was trained with at most {'/'.join(map(str, epochs))} epochs "
+                     f"(reused runs), not {args.max_epochs}"
+                     + ("; each run's best epoch came before its last, so the limit did not "
+                        "bind." if stopped else "; its valid AUC was still rising at its last "
+                        "epoch."))
+    for name in TUNED:
+        if name in train_results:
+            notes.append(f"- {name}: BST with {TUNED[name][1]}, the setting chosen on the ML-1M "
+                         "valid split by benchmarks/tune_bst.py; bst is the paper's "
+                         "concatenation of all positions.")
+    return notes
+
+
 def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> None:
     root = Path(args.workdir) / protocol
     samples = ensure_samples(protocol, root, args.data_dir)
@@ -241,9 +268,7 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
         if ours in rates and "torch_rechub_bst" in rates:
             res[f"throughput_ratio_{ours}_vs_torch_rechub_bst"] = (
                 rates[ours] / rates["torch_rechub_bst"])
-    if out_of_time:
-        res["notes"].append(f"Stopped starting runs after {args.budget_minutes} minutes: rows "
-                            "with fewer seeds than asked are incomplete.")
+    res["notes"] = run_notes(names, train_results, args, out_of_time)
     path = write_result(f"rank_{protocol}", res)
     update_section(f"rank_{protocol}", markdown(res))
     print(f"{protocol}: wrote {path} and its BENCHMARKS.md section; report {report}")
