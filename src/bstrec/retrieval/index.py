@@ -201,8 +201,7 @@ class FaissIndex(VectorIndex):
         if self.config.ivf_codes == "pq4":
             # FAISS codes the vectors themselves under inner product; q.x = q.c + q.(x - c)
             # holds all the same, and the residual x - c is small, so 16 levels code it far more
-            # finely: on the ANN benchmark's vectors, recall@100 0.988 against 0.895 with the
-            # same probes and a 4x re-scored shortlist.
+            # finely and a shorter shortlist keeps the recall (benchmarks/bench_ann.py).
             faiss.extract_index_ivf(made).by_residual = True
         return made
 
