@@ -5,7 +5,7 @@ VENV ?= .venv
 DATA_DIR ?= $(or $(BSTREC_DATA_DIR),$(wildcard ../shared/data))
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test lint bench-data bench-rank clean
+.PHONY: quickstart test lint bench-data bench-rank bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ $(VENV)/.installed-peers: pyproject.toml $(VENV)/.installed
 
 bench-rank: $(VENV)/.installed-peers
 	BSTREC_DATA_DIR=$(DATA_DIR) $(BIN)/python benchmarks/bench_rank.py
+
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench-serving: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/bench_serving.py $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -188,3 +188,18 @@ def test_item_features_are_read_only_when_the_store_changes_them(
     store.clear()
     pipeline.recommend(3, k=5, now=1_800_000_000)
     assert pipeline.table.categories[table.indices([item])[0]] == first.items[0].category
+
+
+def test_warmup_reads_the_stores_item_features_before_traffic(
+        pipeline: Pipeline, store: FeatureStore, bundle: Bundle,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-up encodes the store's catalogue into the item table, so the first request reads
+    no item features; with the store down it still warms up (bundle features kept)."""
+    pipeline.warmup()
+    assert pipeline.table.version == store.snapshot(3).items_version is not None
+    reads: list[object] = []
+    monkeypatch.setattr(store, "items_changed", lambda since: reads.append(since))
+    pipeline.recommend(3, k=5, now=1_800_000_000)
+    assert reads == []
+    down = Pipeline(bundle, StoreGuard(DownStore(), "redis"))
+    assert len(down.warmup().items) == 10 and down.table.version is None

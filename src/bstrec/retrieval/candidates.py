@@ -69,6 +69,7 @@ class CandidateGenerator:
         self.item_cf = item_cf
         self.popular = popular
         self.config = config or CandidateConfig()
+        self._plans: tuple[CandidateConfig, dict[int, dict[str, int]]] | None = None
 
     # -- sources ---------------------------------------------------------------------------
     def user_vectors(self, batch: dict[str, Tensor]) -> F32:
@@ -118,11 +119,14 @@ class CandidateGenerator:
         return out
 
     def plans(self) -> dict[int, dict[str, int]]:
-        """Cold-start route (coldstart.py) -> the quotas of the sources merged for it."""
+        """Cold-start route (coldstart.py) -> the quotas of the sources merged for it (computed
+        once per config: a request asks for them twice)."""
         cfg = self.config
-        total = cfg.total
-        return {REGULAR: dict(cfg.quotas), FEW: cfg.cold.few_quotas(total),
-                COLD: {"popular": total}}
+        if self._plans is None or self._plans[0] is not cfg:
+            total = cfg.total
+            self._plans = cfg, {REGULAR: dict(cfg.quotas), FEW: cfg.cold.few_quotas(total),
+                                COLD: {"popular": total}}
+        return self._plans[1]
 
     # -- merge -----------------------------------------------------------------------------
     def merge_rows(self, queries: QuerySet, rows: I64, lists: dict[str, I64]) -> Candidates:

@@ -250,10 +250,15 @@ class Pipeline:
         return self._recommend(self.user_id(user_id), k, now, use_store=True)
 
     def warmup(self) -> Recommendation:
-        """One request for a user without history, the store untouched: loads every lazy part
-        (ONNX session, encoders, index) before the pipeline takes traffic."""
+        """One request for a user without history (the store not read): loads every lazy part
+        (ONNX session, encoders, index); then, when the store answers, its item features into
+        the item table, so that no request pays for encoding the catalogue. Runs before the
+        pipeline takes traffic."""
         user: UserId = -1 if self.bundle.user_id_type == "int" else "__warmup__"
-        return self._recommend(user, 10, None, use_store=False)
+        out = self._recommend(user, 10, None, use_store=False)
+        reasons: list[str] = []
+        self._item_table(self._snapshot(user, reasons, use_store=True), reasons, use_store=True)
+        return out
 
     def _recommend(self, user: UserId, k: int, now: int | None, *,
                    use_store: bool) -> Recommendation:
