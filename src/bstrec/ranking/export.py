@@ -15,6 +15,9 @@ inputs with batch N, in the order :func:`request_inputs` gives -> ``logits`` (N,
 says ``bstrec.graph = request`` (the batch graph's says ``batch``, or nothing in files written
 before the request graph existed) and whether it shares work across candidates
 (``bstrec.shares_work``).
+
+:func:`export_graph` and :class:`OnnxGraph` are the machinery under both, shared with the
+two-tower's user tower (retrieval/export.py), whose graph says ``bstrec.graph = user_tower``.
 """
 
 from __future__ import annotations
@@ -95,9 +98,9 @@ def export_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path
     """Write ``model`` (in eval mode) as an ONNX graph with a dynamic batch size; returns path."""
     names = model_inputs(spec)
     example = example_batch(spec)
-    return _export(model, _Positional(model, names), spec, path, names=names,
-                   args=tuple(example[n] for n in names), batched=set(names),
-                   meta={"bstrec.graph": "batch"})
+    return export_graph(model, _Positional(model, names), spec, path, names=names,
+                        args=tuple(example[n] for n in names), batched=set(names),
+                        meta={"bstrec.graph": "batch"})
 
 
 def export_request_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path:
@@ -107,17 +110,18 @@ def export_request_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path)
     example = example_batch(spec)
     args = (*(example[n][:1] for n in shared), *(example[n] for n in items))
     shares = bool(getattr(model, "request_shaped", False))
-    return _export(model, _RequestPositional(model, shared, items), spec, path,
-                   names=(*shared, *items), args=args, batched=set(items),
-                   meta={"bstrec.graph": "request", "bstrec.shares_work": json.dumps(shares)})
+    return export_graph(model, _RequestPositional(model, shared, items), spec, path,
+                        names=(*shared, *items), args=args, batched=set(items),
+                        meta={"bstrec.graph": "request", "bstrec.shares_work": json.dumps(shares)})
 
 
-def _export(model: nn.Module, wrapper: nn.Module, spec: FeatureSpec, path: str | Path, *,
-            names: tuple[str, ...], args: tuple[Tensor, ...], batched: set[str],
-            meta: dict[str, str]) -> Path:
-    """Export ``wrapper`` (positional inputs ``args`` called ``names``) with a dynamic first
-    dimension on the ``batched`` inputs and a dynamic width on multi-hot ones; ``meta`` joins
-    the file's metadata."""
+def export_graph(model: nn.Module, wrapper: nn.Module, spec: FeatureSpec, path: str | Path, *,
+                 names: tuple[str, ...], args: tuple[Tensor, ...], batched: set[str],
+                 meta: dict[str, str], output: str = "logits") -> Path:
+    """Export ``wrapper`` (positional inputs ``args`` called ``names``, one output called
+    ``output``) with a dynamic first dimension on the ``batched`` inputs and a dynamic width on
+    multi-hot ones; the spec, input names and ``model``'s config join the file's metadata, and
+    ``meta`` too. ``model`` is the module ``wrapper`` calls: its train/eval mode is restored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -137,7 +141,7 @@ def _export(model: nn.Module, wrapper: nn.Module, spec: FeatureSpec, path: str |
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                wrapper, args, input_names=list(names), output_names=["logits"],
+                wrapper, args, input_names=list(names), output_names=[output],
                 dynamic_shapes=(tuple(dims),), opset_version=OPSET, dynamo=True,
                 verbose=False)
     finally:
@@ -156,8 +160,9 @@ def _export(model: nn.Module, wrapper: nn.Module, spec: FeatureSpec, path: str |
     return path
 
 
-class OnnxRanker:
-    """An exported ranker in ONNX Runtime: ``predict(batch) -> logits (B,)`` float32."""
+class OnnxGraph:
+    """A graph written by :func:`export_graph`, in ONNX Runtime: its spec, input names and
+    metadata (``meta``); ``run(batch)`` -> its one output."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort  # type: ignore[import-untyped]  # only serving needs it
@@ -168,19 +173,31 @@ class OnnxRanker:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options,
                                             providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.spec = FeatureSpec.from_dict(json.loads(meta["bstrec.spec"]))
+        self.meta: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.spec = FeatureSpec.from_dict(json.loads(self.meta["bstrec.spec"]))
         self.input_names: tuple[str, ...] = tuple(i.name for i in self.session.get_inputs())
-        self.graph: str = meta.get("bstrec.graph", "batch")  # files of before the request graph
-        self.shares_work: bool = json.loads(meta.get("bstrec.shares_work", "false"))
+        self.output_name: str = self.session.get_outputs()[0].name
+
+    def run(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The graph's inputs as NumPy arrays (extra keys ignored) -> its output."""
+        feed = {n: np.ascontiguousarray(batch[n], dtype=np.bool_ if n == "hist_mask"
+                                        else np.int64) for n in self.input_names}
+        out: np.ndarray = self.session.run([self.output_name], feed)[0]
+        return out
+
+
+class OnnxRanker(OnnxGraph):
+    """An exported ranker in ONNX Runtime: ``predict(batch) -> logits (B,)`` float32."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__(path, threads)
+        self.graph: str = self.meta.get("bstrec.graph", "batch")  # files of before the request graph
+        self.shares_work: bool = json.loads(self.meta.get("bstrec.shares_work", "false"))
 
     def predict(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """The graph's inputs as NumPy arrays (extra keys ignored) -> (B,) float32 logits: the
         batch contract, or for a request graph the shared (1, ...) and item (N, ...) inputs."""
-        feed = {n: np.ascontiguousarray(batch[n], dtype=np.bool_ if n == "hist_mask"
-                                        else np.int64) for n in self.input_names}
-        out = self.session.run(["logits"], feed)[0]
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(self.run(batch), dtype=np.float32)
 
 
 def load_runtime(path: str | Path, threads: int | None = None) -> OnnxRanker:

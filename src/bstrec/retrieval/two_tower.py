@@ -102,6 +102,9 @@ class TwoTower(nn.Module):
         user_names = [n for n, g in groups.items() if g == "user"
                       and ((n == "user" and c.user_id) or (n != "user" and c.profile))]
         user_names += [n for n, g in groups.items() if g == "context" and c.context]
+        # the feature columns encode_users reads besides the history (an exported user tower's
+        # inputs: retrieval/export.py)
+        self.user_features: tuple[str, ...] = tuple(user_names)
         self.user_fields = FeatureEmbeddings(_sub_spec(spec, user_names), c.feat_dim,
                                              init_std=c.init_std) if user_names else None
         n_user = len(user_names) * c.feat_dim

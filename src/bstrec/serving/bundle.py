@@ -14,11 +14,15 @@ Layout (written in one atomic rename; nothing in it is ever unpickled)::
     popular/             time-decayed popularity (the fallback and cold-start source)
     item_cf/             item-to-item neighbours (a source, and "similar items")
     two_tower/           optional: the two-tower checkpoint (user tower for the index query)
+    user_tower.onnx      with two_tower/: its user tower exported (retrieval/export.py), what
+                         computes a request's user vector; bundles built before it existed
+                         lack it and compute the vector in eager torch
     item_vectors.npy     optional: (N, D) item vectors by item index (pre-rank dot products)
     index/               optional: the vector index of the catalog's item vectors
 
 A bundle is refused (:class:`BundleError`) when a file is missing or does not match its hash,
-when its models disagree on the feature spec, or when the ranker does not run on a valid batch.
+when its models disagree on the feature spec, when the ranker does not run on a valid batch, or
+when the exported user tower does not give the two-tower's vectors.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
 from bstrec.retrieval.popular import PopularConfig, Popularity
 from bstrec.retrieval.two_tower import TwoTower
 from bstrec.serving.config import PipelineConfig
-from bstrec.serving.runtime import RankerRuntime
+from bstrec.serving.runtime import RankerRuntime, UserTowerRuntime
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,6 +70,7 @@ ITEMS = "items.parquet"
 POPULAR = "popular"
 ITEM_CF = "item_cf"
 TWO_TOWER = "two_tower"
+USER_TOWER = "user_tower.onnx"
 ITEM_VECTORS = "item_vectors.npy"
 INDEX = "index"
 
@@ -94,6 +99,7 @@ class Bundle:
     two_tower: TwoTower | None = None
     item_vectors: F32 | None = None
     index: VectorIndex | None = None
+    user_tower: UserTowerRuntime | None = None  # None: user vectors by the eager two_tower
 
     @property
     def version(self) -> str:
@@ -150,6 +156,7 @@ def build_bundle(
     item-CF are fitted here on the train split (seconds, even on ML-1M).
     """
     from bstrec.ranking.export import export_ranker, export_request_ranker
+    from bstrec.retrieval.export import export_user_tower
     from bstrec.retrieval.train import item_vectors, load_retriever
     from bstrec.training.checkpoint import load_checkpoint
 
@@ -184,6 +191,8 @@ def build_bundle(
         with _quiet("onnxscript", "onnx_ir"):  # the exporter's optimizer logs at INFO
             export_ranker(ranker.model, spec, tmp / RANKER)
             export_request_ranker(ranker.model, spec, tmp / RANKER_REQUEST)
+            if two_tower is not None:
+                export_user_tower(two_tower, spec, tmp / USER_TOWER)
         spec.save(tmp / SPEC)
         samples.vocabs.save(tmp / VOCAB)
         catalog.save(tmp / CATALOG)
@@ -271,11 +280,11 @@ def load_bundle(path: str | Path, *, verify: bool = True, ort_threads: int = 1) 
                     catalog=catalog, items=_item_table(items_frame), popular=popular,
                     item_cf=item_cf, config=config)
     if (root / TWO_TOWER).is_dir():
-        _load_retriever(bundle, root)
+        _load_retriever(bundle, root, ort_threads)
     return bundle
 
 
-def _load_retriever(bundle: Bundle, root: Path) -> None:
+def _load_retriever(bundle: Bundle, root: Path, ort_threads: int) -> None:
     from bstrec.retrieval.train import build_two_tower
     from bstrec.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -292,6 +301,16 @@ def _load_retriever(bundle: Bundle, root: Path) -> None:
                           f"({bundle.catalog.size}) or the index (dim {index.dim})")
     assert isinstance(ckpt.model, TwoTower)
     bundle.two_tower, bundle.item_vectors, bundle.index = ckpt.model, vectors, index
+    if USER_TOWER in bundle.manifest["files"]:  # bundles built before it: eager torch
+        try:
+            tower = UserTowerRuntime(root / USER_TOWER, threads=ort_threads)
+            if tower.spec != bundle.spec:
+                raise ValueError(f"it was exported for another feature spec than {SPEC}")
+            tower.check(ckpt.model)
+        except Exception as exc:  # ONNX Runtime raises its own types on a bad graph
+            raise BundleError(f"{root / USER_TOWER} does not load or agree with the two-tower: "
+                              f"{exc}") from None
+        bundle.user_tower = tower
 
 
 @contextlib.contextmanager

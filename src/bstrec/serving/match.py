@@ -64,7 +64,7 @@ class OnlineMatcher:
                            seen_items=np.asarray(seen, dtype=np.int64))
         rows = np.zeros(1, dtype=np.int64)
         # pre-rank reads the two-tower vector on every route
-        u = self.generator.user_vectors(row) if self.bundle.two_tower is not None else None
+        u = self.user_vector(row)
         route_id = int(route(row["hist_mask"], self.generator.config.cold)[0])
         # only the sources this route merges: the others' lists would be dropped by the merge
         lists = self.generator.source_lists(queries, rows, user_vectors=u,
@@ -75,6 +75,14 @@ class OnlineMatcher:
         path = PATHS.get(route_id, "regular")
         return Matched(merged.ids[0, keep], merged.sources[0, keep], merged.names, path,
                        {n: c for n, c in per_source.items() if c}, None if u is None else u[0])
+
+    def user_vector(self, row: Batch) -> F32 | None:
+        """(1, D) two-tower vector of the request's row, None without a two-tower: by the
+        bundle's exported user tower, else (bundles built before it) by eager torch."""
+        if self.bundle.user_tower is not None:
+            # one ONNX Runtime call: eager torch's per-op overhead dominates a batch of one
+            return self.bundle.user_tower.encode(row)
+        return self.generator.user_vectors(row) if self.bundle.two_tower is not None else None
 
     def prerank(self, matched: Matched) -> F32:
         """(K,) cheap scores of the merged candidates: the two-tower dot product when the bundle

@@ -1,4 +1,4 @@
-"""The exported ranker at serving time: every candidate of a request scored in one ONNX Runtime
+"""The exported models at serving time: every candidate of a request scored in one ONNX Runtime
 call, no torch on this path.
 
 Notation: B candidates of a batch, N candidates of one request.
@@ -7,6 +7,10 @@ A bundle holds the batch graph (the batch contract, any rows) and, since the req
 graph exists, that graph too (ranking/export.py): the user, context and history inputs once,
 the candidates' item inputs N times, so that work shared by the candidates is done once per
 request. Bundles without it are served by broadcasting the shared inputs into the batch graph.
+
+The two-tower's user tower (retrieval/export.py), when the bundle has it, gives a request's user
+vector in one ONNX Runtime call too (:class:`UserTowerRuntime`, D its width) rather than eager
+torch, whose per-op overhead dominates a batch of one.
 """
 
 from __future__ import annotations
@@ -19,16 +23,22 @@ import numpy.typing as npt
 import torch
 
 from bstrec.features.spec import FeatureSpec
-from bstrec.ranking.export import OnnxRanker, example_batch
-from bstrec.ranking.request import item_names, shared_names
+from bstrec.ranking.export import OnnxGraph, OnnxRanker, example_batch
+from bstrec.ranking.request import SEQUENCE_INPUTS, item_names, shared_names
+from bstrec.retrieval.export import GRAPH as USER_TOWER_GRAPH
+from bstrec.retrieval.export import user_tower_inputs
+from bstrec.retrieval.two_tower import TwoTower
 
 F32 = npt.NDArray[np.float32]
 Inputs = Mapping[str, torch.Tensor | np.ndarray]
 
 
+def _array(v: torch.Tensor | np.ndarray) -> np.ndarray:
+    return v.numpy() if isinstance(v, torch.Tensor) else v
+
+
 def _numpy(batch: Inputs, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    return {n: v.numpy() if isinstance(v, torch.Tensor) else v for n, v in batch.items()
-            if n in names}
+    return {n: _array(v) for n, v in batch.items() if n in names}
 
 
 def sigmoid(z: F32) -> F32:
@@ -93,3 +103,45 @@ class RankerRuntime:
             if got.shape != (2,) or not np.allclose(got, out, rtol=0.0, atol=0.05):
                 raise ValueError(f"the request-shaped ranker returned {got!r} where the batch "
                                  f"graph returned {out!r}")
+
+
+class UserTowerRuntime:
+    """``encode(batch) -> (B, D)`` float32 two-tower user vectors from an exported user tower
+    (retrieval/export.py): a request's one row gives (1, D), as eager ``encode_users`` would."""
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        # one intra-op thread, as the ranker's: the requests are the parallelism
+        self.graph = OnnxGraph(path, threads=threads)
+        if self.graph.meta.get("bstrec.graph") != USER_TOWER_GRAPH:
+            raise ValueError(f"{path} is not a user-tower graph")
+        self.spec: FeatureSpec = self.graph.spec
+        self.input_names = self.graph.input_names
+
+    def encode(self, batch: Inputs) -> F32:
+        """User-side batch contract (torch or NumPy; extra keys ignored) -> (B, D) vectors."""
+        # only the graph's inputs converted: a request's row carries the item columns too
+        out: F32 = self.graph.run({n: _array(batch[n]) for n in self.input_names})
+        return out
+
+    def check(self, model: TwoTower, atol: float = 1e-5) -> None:
+        """Raise ValueError when the graph reads other inputs than ``model`` or its vectors
+        differ from eager ``model.encode_users`` (by more than ``atol``) on a small valid batch:
+        one row with a history, one without (a bundle is refused before it serves)."""
+        want_names = user_tower_inputs(model)
+        if self.input_names != want_names:
+            raise ValueError(f"the user tower reads {list(self.input_names)}, the two-tower "
+                             f"{list(want_names)}")
+        batch = example_batch(self.spec, batch=2)
+        for name in SEQUENCE_INPUTS:
+            batch[name][1] = 0  # an empty history: the path of cold users
+        model.eval()
+        with torch.inference_mode():
+            want = model.encode_users(batch).numpy()
+        got = self.encode(batch)
+        if got.shape != want.shape:
+            raise ValueError(f"the user tower returned {got.shape} vectors, the two-tower "
+                             f"{want.shape}")
+        gap = float(np.abs(got - want).max())
+        if not gap <= atol:  # NaN fails too
+            raise ValueError(f"its vectors differ from the two-tower's by up to {gap:.3g} "
+                             f"(more than {atol:g})")
