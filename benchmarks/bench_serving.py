@@ -123,7 +123,7 @@ def ensure_bundle(work: Path, samples: Path, ranker: Path, two_tower: Path, retr
 
     out = work / "bundle"
     want = {"retrieved": retrieved, "ranked": ranked, "ranker": str(ranker.resolve()),
-            "request_graph": True}
+            "request_graph": True, "user_tower_graph": True}
     stamp = work / "bundle.json"
     if not rebuild and (out / "manifest.json").exists() and stamp.exists() \
             and json.loads(stamp.read_text()) == want:
