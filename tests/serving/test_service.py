@@ -3,10 +3,12 @@ reload under traffic, Redis down and back."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bstrec.serving.app import Service, settle_heap
 from bstrec.serving.settings import Settings
 from tests.serving.conftest import Artifacts, RedisServer, running
 
@@ -242,3 +245,28 @@ def test_a_static_page_mounts_at_root_without_hiding_the_api(artifacts: Artifact
         assert "bstrec demo" in c.get("/").text
         assert c.get("/recommend", params={"user_id": 3}).status_code == 200
         assert c.get("/healthz").json()["status"] == "ok"
+
+
+def test_loaded_pipeline_is_kept_out_of_full_collections(artifacts: Artifacts,
+                                                         tmp_path: Path) -> None:
+    """After loading (and after a reload) the live objects are frozen, so a full collection
+    does not walk the bundle; a reload unfreezes first, so that garbage of the old pipeline
+    (here a reference cycle hanging off it, frozen with it) is collected."""
+
+    class Cycle:
+        me: object
+
+    svc = Service(settings_for(artifacts, tmp_path))
+    try:
+        assert gc.get_freeze_count() > 10_000
+        cycle = Cycle()
+        cycle.me = cycle
+        svc.pipeline.probe = cycle  # type: ignore[attr-defined]
+        settle_heap()  # as if the cycle had been there at load
+        gone = weakref.ref(cycle)
+        del cycle
+        svc.reload(Path(artifacts.bundle_b))
+        assert svc.pipeline.version == "B" and gc.get_freeze_count() > 10_000
+        assert gone() is None
+    finally:
+        svc.close()

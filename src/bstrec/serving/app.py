@@ -13,6 +13,7 @@ at ``/`` (``Settings.static_dir``) without hiding any of them.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime,
 # and they refer to this factory's local variables (settings, the key header).
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -47,6 +48,17 @@ T = TypeVar("T")
 JSON = "application/json"
 
 
+def settle_heap() -> None:
+    """Take the objects alive now (bundle, models, vocabularies, store: a quarter of a million
+    for ML-1M) out of the cyclic garbage collector's full collections, which would otherwise
+    walk them all (about 0.1 s, measured) while the requests in flight wait. Called once a
+    pipeline is loaded and warmed up; a reload undoes the previous freeze first, so that the
+    old pipeline's objects can be collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class Service:
     """What the routes share: the pipeline being served, the store (behind its breaker), the
     metrics. Reload and seeding work without HTTP too."""
@@ -71,6 +83,7 @@ class Service:
                 self.store.close()
             raise
         self.metrics.serving(self.pipeline.version)
+        settle_heap()
 
     def _load(self, path: Path) -> Pipeline:
         bundle = load_bundle(path, verify=self.settings.verify_bundle,
@@ -93,10 +106,12 @@ class Service:
             except BundleError:
                 self.metrics.reloads.labels("refused").inc()
                 raise
-            old, self.pipeline = self.pipeline, new  # the swap: one reference assignment
+            previous = self.pipeline.version
+            self.pipeline = new  # the swap: one reference assignment
             self.metrics.reloads.labels("ok").inc()
             self.metrics.serving(new.version)
-            return old.version, new, time.perf_counter() - started
+            settle_heap()  # the old pipeline lives on only in the requests still using it
+            return previous, new, time.perf_counter() - started
 
     def seed(self) -> None:
         """Put the bundle's items (and ``seed_events``' log) into the store; a store that is
