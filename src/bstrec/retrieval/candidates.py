@@ -129,11 +129,14 @@ class CandidateGenerator:
         return self._plans[1]
 
     # -- merge -----------------------------------------------------------------------------
-    def merge_rows(self, queries: QuerySet, rows: I64, lists: dict[str, I64]) -> Candidates:
-        """Merged candidates of ``rows`` from their source lists, cold-start routing applied."""
+    def merge_rows(self, queries: QuerySet, rows: I64, lists: dict[str, I64],
+                   paths: npt.NDArray[np.int8] | None = None) -> Candidates:
+        """Merged candidates of ``rows`` from their source lists, cold-start routing applied
+        (``paths``: the rows' routes when the caller has them already)."""
         cfg = self.config
         total = cfg.total
-        paths = route(queries.data.tensors["hist_mask"][torch.from_numpy(rows)], cfg.cold)
+        if paths is None:
+            paths = route(queries.data.tensors["hist_mask"][torch.from_numpy(rows)], cfg.cold)
         ids = np.full((len(rows), total), -1, dtype=np.int64)
         src = np.zeros((len(rows), total), dtype=np.int64)
         for path, quotas in self.plans().items():

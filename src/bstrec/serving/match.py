@@ -65,11 +65,12 @@ class OnlineMatcher:
         rows = np.zeros(1, dtype=np.int64)
         # pre-rank reads the two-tower vector on every route
         u = self.user_vector(row)
-        route_id = int(route(row["hist_mask"], self.generator.config.cold)[0])
+        paths = route(row["hist_mask"], self.generator.config.cold)
+        route_id = int(paths[0])
         # only the sources this route merges: the others' lists would be dropped by the merge
         lists = self.generator.source_lists(queries, rows, user_vectors=u,
                                             only=self.generator.plans()[route_id])
-        merged = self.generator.merge_rows(queries, rows, lists)
+        merged = self.generator.merge_rows(queries, rows, lists, paths)
         keep = np.flatnonzero(merged.ids[0] >= 0)
         per_source = {n: int(merged.from_source(n)[0, keep].sum()) for n in merged.names}
         path = PATHS.get(route_id, "regular")
