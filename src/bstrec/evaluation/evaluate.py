@@ -15,11 +15,12 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 import torch
+from torch import nn
 
 from bstrec.data.samples import SampleSet
 from bstrec.evaluation.references import reference_scores
 from bstrec.evaluation.report import write_report
-from bstrec.training.checkpoint import META, Builder, load_checkpoint
+from bstrec.training.checkpoint import META, Builder
 from bstrec.training.loop import BEST
 from bstrec.training.task import evaluate_checkpoint
 from bstrec.training.tensors import TensorSplit
@@ -49,18 +50,17 @@ def parse_runs(specs: Sequence[str]) -> dict[str, list[Path]]:
     return runs
 
 
-def attention_of_one_user(ckpt_path: Path, test: pl.DataFrame, samples: SampleSet
+def attention_of_one_user(model: nn.Module, test: pl.DataFrame, samples: SampleSet
                           ) -> tuple[npt.NDArray[np.float32], list[str]] | None:
     """First-block attention (heads, L+1, L+1) of the test sample with the longest history, and
     token labels (behaviour item ids oldest first, then the target); None for non-BST models."""
-    ckpt = load_checkpoint(ckpt_path)
-    maps = getattr(ckpt.model, "attention_maps", None)
+    maps = getattr(model, "attention_maps", None)
     if maps is None or test.height == 0:
         return None
     row = int(test["hist_item"].list.len().arg_max() or 0)
     one = test.slice(row, 1)
     batch = TensorSplit.from_frame(one, samples.spec).tensors
-    ckpt.model.eval()
+    model.eval()
     with torch.no_grad():
         att = maps(batch)[0].numpy()  # (heads, L+1, L+1)
     items = samples.vocabs["item_id"].values
@@ -90,7 +90,7 @@ def evaluate_runs(samples_dir: str | Path, runs: Mapping[str, Sequence[str | Pat
             res = evaluate_checkpoint(ckpt, samples_dir, "test", builder=builder)
             predictions.setdefault(name, []).append(res["predictions"])
             if attention is None and name.lower() == compare[0]:
-                attention = attention_of_one_user(ckpt, test, samples)
+                attention = attention_of_one_user(res["model"], test, samples)
     refs = reference_scores(samples.splits)
     protocol = str(samples.manifest.get("protocol", "unknown"))
     kwargs: dict[str, Any] = {}

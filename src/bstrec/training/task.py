@@ -131,8 +131,9 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, samples_dir: str | Path,
                         builder: Builder | None = None) -> dict[str, Any]:
     """AUC and logloss of a checkpoint on one split of the samples it was trained on.
 
-    Returns ``{"split", "n", "auc", "logloss", "positive_rate", "labels", "predictions"}``, the
-    last two (N,) arrays in the split's row order (predictions are probabilities).
+    Returns ``{"split", "n", "auc", "logloss", "positive_rate", "labels", "predictions",
+    "model"}``: labels and predictions (probabilities) are (N,) arrays in the split's row
+    order, model the checkpoint's model (in eval mode).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
@@ -157,6 +158,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, samples_dir: str | Path,
         "positive_rate": float(labels.mean()) if labels.size else float("nan"),
         "labels": labels,
         "predictions": probs,
+        "model": ckpt.model,
     }
 
 
