@@ -159,6 +159,16 @@ def fixture_samples() -> tuple[Dataset, SampleSet]:
     return ds, build_samples(ds, SampleConfig(max_len=4, negatives=2))
 
 
+@pytest.fixture
+def fixture_store(fixture_samples: tuple[Dataset, SampleSet]) -> Iterator[FeatureStore]:
+    """An in-memory embedded store holding the whole fixture dataset (each test its own)."""
+    from bstrec.features.store_embedded import EmbeddedStore
+
+    with EmbeddedStore(":memory:", max_events=5) as store:
+        store.load_dataset(fixture_samples[0])
+        yield store
+
+
 @pytest.mark.parametrize("shuffled", [False, True], ids=["bulk-load", "shuffled-appends"])
 def test_skew_fixture_dataset(make_store: StoreFactory, shuffled: bool,
                               fixture_samples: tuple[Dataset, SampleSet]) -> None:
@@ -227,12 +237,9 @@ def test_skew_test_detects_a_tie_order_skew_in_the_serving_path(
 
 
 def test_rows_for_many_candidates_share_user_history_and_context(
-        fixture_samples: tuple[Dataset, SampleSet]) -> None:
-    ds, samples = fixture_samples
-    from bstrec.features.store_embedded import EmbeddedStore
-
-    store = EmbeddedStore(":memory:", max_events=5)
-    store.load_dataset(ds)
+        fixture_samples: tuple[Dataset, SampleSet], fixture_store: FeatureStore) -> None:
+    samples = fixture_samples[1]
+    store = fixture_store
     online = OnlineFeatures(samples.vocabs, samples.spec)
     cands = ["i03", "i39", "nope", "i03"]
     rows = online.rows_from_store(store, "u01", cands, 1_800_000_000)
@@ -249,8 +256,9 @@ def test_rows_for_many_candidates_share_user_history_and_context(
     assert online.tensors(empty)["hist_mask"].sum() == 0
     none = online.rows_from_store(store, "u01", [], 1_800_000_000)
     assert none.height == 0 and none.schema == rows.schema
-    store.close()
     # a store that keeps fewer behaviours than the ranker's window would cut histories short
+    from bstrec.features.store_embedded import EmbeddedStore
+
     with EmbeddedStore(":memory:", max_events=3) as short, pytest.raises(ValueError, match="fewer"):
         online.rows_from_store(short, "u01", ["i01"], 1_800_000_000)
 
@@ -265,12 +273,9 @@ def test_feature_columns_from_spec_match_the_dataset(
 
 
 def test_encoding_cache_never_changes_rows_and_follows_store_updates(
-        fixture_samples: tuple[Dataset, SampleSet]) -> None:
-    ds, samples = fixture_samples
-    from bstrec.features.store_embedded import EmbeddedStore
-
-    store = EmbeddedStore(":memory:", max_events=5)
-    store.load_dataset(ds)
+        fixture_samples: tuple[Dataset, SampleSet], fixture_store: FeatureStore) -> None:
+    samples = fixture_samples[1]
+    store = fixture_store
     plain = OnlineFeatures(samples.vocabs, samples.spec, cache_size=0)
     tiny = OnlineFeatures(samples.vocabs, samples.spec, cache_size=2)
     cached = OnlineFeatures(samples.vocabs, samples.spec)
@@ -288,16 +293,12 @@ def test_encoding_cache_never_changes_rows_and_follows_store_updates(
     assert old["item_brand"].to_list() != [OOV] and "never-seen" not in brand
     assert new["item_brand"].to_list() == [OOV] and new["user_segment"].to_list() == [OOV]
     assert new.equals(plain.rows_from_store(store, "u01", ["i05"], 1_800_000_000))
-    store.close()
 
 
 def test_candidate_batch_from_the_query_row_equals_the_full_rows(
-        fixture_samples: tuple[Dataset, SampleSet]) -> None:
-    ds, samples = fixture_samples
-    from bstrec.features.store_embedded import EmbeddedStore
-
-    store = EmbeddedStore(":memory:", max_events=5)
-    store.load_dataset(ds)
+        fixture_samples: tuple[Dataset, SampleSet], fixture_store: FeatureStore) -> None:
+    samples = fixture_samples[1]
+    store = fixture_store
     online = OnlineFeatures(samples.vocabs, samples.spec)
     cands = ["i01", "i05", "i39", "nope", "i11", "i05", "i07"]
     # the request time cuts a history (later behaviours are not history) or keeps it whole
@@ -321,20 +322,16 @@ def test_candidate_batch_from_the_query_row_equals_the_full_rows(
             assert got.keys() == want.keys()
             for name, t in want.items():
                 assert got[name].dtype == t.dtype and torch.equal(got[name], t), (user, name)
-    store.close()
 
 
 def test_item_table_rows_equal_item_inputs_and_follow_updates(
-        fixture_samples: tuple[Dataset, SampleSet]) -> None:
+        fixture_samples: tuple[Dataset, SampleSet], fixture_store: FeatureStore) -> None:
     """ItemTable (the catalogue's item inputs as arrays) gives what item_inputs gives, for
     known, featureless, unknown and repeated items, the query row too; ``updated`` re-encodes
     the items given and leaves the old table as it was."""
-    ds, samples = fixture_samples
+    samples = fixture_samples[1]
+    store = fixture_store
     from bstrec.features.online import ItemTable
-    from bstrec.features.store_embedded import EmbeddedStore
-
-    store = EmbeddedStore(":memory:", max_events=5)
-    store.load_dataset(ds)
     online = OnlineFeatures(samples.vocabs, samples.spec)
     catalogue = store.items(samples.vocabs["item_id"].values)
     table = ItemTable.build(online, catalogue)
@@ -364,4 +361,3 @@ def test_item_table_rows_equal_item_inputs_and_follow_updates(
     rebuilt = table.updated({"i01": catalogue["i01"]}, ("f", 1), base={})
     same(rebuilt.inputs_of(["i01", "i05"]), online.item_inputs({"i01": catalogue["i01"]},
                                                               ["i01", "i05"]))
-    store.close()
