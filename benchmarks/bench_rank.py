@@ -37,7 +37,7 @@ from bstrec.evaluation.evaluate import evaluate_runs
 from bstrec.training.loop import seed_model_init
 from bstrec.training.task import RESULT, train_ranker
 from bstrec.training.tensors import TensorSplit
-from common import machine, median, now, update_section, write_result
+from common import RESULTS, machine, median, now, update_section, write_result
 from peers import PEERS, build_peer, peers_available
 
 DATASETS = {"synthetic-order": "synthetic-order", "ml100k-ctr": "ml-100k", "ml1m-ctr": "ml-1m"}
@@ -168,9 +168,35 @@ def markdown(res: dict[str, Any]) -> str:
     if ratios:
         lines += ["", "Training throughput over torch-rechub's BST, same batches and widths: "
                   + ", ".join(f"{k} **{v:.1f}x**" for k, v in ratios.items()) + "."]
+    lines += peer_lines(res["models"])
     if res.get("notes"):
         lines += ["", *res["notes"]]
     return "\n".join(lines)
+
+
+def peer_lines(models: dict[str, Any]) -> list[str]:
+    """The issue's goal (our BST's test AUC above every peer's), checked on the peers' own seeds:
+    each of our BSTs' AUC averaged over the seeds the peer was trained on."""
+    peers = [p for p in PEERS if p in models]
+    ours = [n for n in ("bst", *TUNED) if n in models]
+    if not peers or not ours:
+        return []
+    out = ["", "Our BSTs against the peers, test AUC on the peers' seeds:", ""]
+    for name in ours:
+        by_seed = dict(zip(models[name]["seeds"], models[name]["test_auc"], strict=True))
+        cells, above = [], True
+        for p in peers:
+            seeds = [s for s in models[p]["seeds"] if s in by_seed]
+            if not seeds:
+                continue
+            mine = sum(by_seed[s] for s in seeds) / len(seeds)
+            theirs = sum(a for s, a in zip(models[p]["seeds"], models[p]["test_auc"], strict=True)
+                         if s in by_seed) / len(seeds)
+            above &= mine > theirs
+            cells.append(f"{mine:.4f} vs {p} {theirs:.4f} ({mine - theirs:+.4f})")
+        out.append(f"- {name}: " + "; ".join(cells) + " -> "
+                   + ("above every peer." if above else "not above every peer."))
+    return out
 
 
 def run_notes(names: list[str], train_results: dict[str, list[dict[str, Any]]],
@@ -293,7 +319,23 @@ def main() -> None:
                     help="start no new training run after this many minutes")
     ap.add_argument("--workdir", default="artifacts/bench_rank")
     ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="only rewrite each protocol's BENCHMARKS.md section from its results "
+                    "file (after a change to the section's layout), training nothing")
     args = ap.parse_args()
+    if args.markdown_only:
+        for protocol in args.protocol or list(DATASETS):
+            path = RESULTS / f"rank_{protocol}.json"
+            if not path.exists():
+                continue
+            try:
+                section = markdown(json.loads(path.read_text()))
+            except KeyError as exc:
+                print(f"{protocol}: {path} lacks {exc} (an older layout): rerun the benchmark")
+                continue
+            update_section(f"rank_{protocol}", section)
+            print(f"{protocol}: rewrote its BENCHMARKS.md section from {path}")
+        return
     unknown = [n for n in args.models if n not in (*MAIN, *TUNED, *ABLATIONS, *PEERS)]
     if unknown:
         ap.error(f"unknown models {unknown}")
