@@ -49,9 +49,9 @@ JSON = "application/json"
 
 
 def settle_heap() -> None:
-    """Take the objects alive now (bundle, models, vocabularies, store: a quarter of a million
+    """Take the objects alive now (bundle, models, vocabularies, store: hundreds of thousands
     for ML-1M) out of the cyclic garbage collector's full collections, which would otherwise
-    walk them all (about 0.1 s, measured) while the requests in flight wait. Called once a
+    walk them all while the requests in flight wait. Called once a
     pipeline is loaded and warmed up; a reload undoes the previous freeze first, so that the
     old pipeline's objects can be collected."""
     gc.unfreeze()
