@@ -32,6 +32,10 @@ TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "small": ({"mlp": [256, 128, 64]}, {}),
     "mlp_dropout": ({"mlp_dropout": 0.3}, {}),
     "lr_half": ({}, {"lr": 5e-4}),
+    "target_bn": ({"output": "target", "mlp_norm": "batch"}, {}),
+    "target_bn_long": ({"output": "target", "mlp_norm": "batch"}, {"max_epochs": 6}),
+    "target_small_bn": ({"output": "target", "mlp": [256, 128, 64], "mlp_norm": "batch"}, {}),
+    "paper_bn": ({"mlp_norm": "batch"}, {}),
 }
 
 
@@ -55,16 +59,18 @@ def markdown(r: dict[str, Any]) -> str:
         f"`{r['command']}` on {r['date']}, {r['machine']['cores']} cores. One seed ({r['seed']}), "
         f"Adam, batch {r['base']['batch_size']}, lr {r['base']['lr']} unless the trial says "
         f"otherwise, at most {r['base']['max_epochs']} epochs, early stopping on valid AUC. "
-        "Selection only: test AUC is measured once, by bench_rank.py, for the chosen setting.",
+        "Selection only: test AUC is measured once, by bench_rank.py, for the chosen setting. "
+        "Trials run by earlier invocations of the script are kept (the last column says when "
+        "each was trained).",
         "",
-        "| trial | overrides | parameters | valid AUC by epoch | best valid AUC |",
-        "|---|---|---:|---|---:|",
+        "| trial | overrides | parameters | valid AUC by epoch | best valid AUC | trained |",
+        "|---|---|---:|---|---:|---|",
     ]
     for name, t in sorted(r["trials"].items(), key=lambda kv: -kv[1]["best_valid_auc"]):
         over = json.dumps({**t["model"], **t["train"]}) if t["model"] or t["train"] else "-"
         lines.append(f"| {name} | `{over}` | {t['n_parameters']:,} | "
                      f"{', '.join(f'{a:.4f}' for a in t['valid_auc_by_epoch'])} | "
-                     f"{t['best_valid_auc']:.4f} |")
+                     f"{t['best_valid_auc']:.4f} | {t['date'][:10]} |")
     return "\n".join(lines)
 
 
@@ -82,10 +88,15 @@ def main() -> None:
     base = {"max_epochs": args.max_epochs, "patience": 1, "batch_size": 256, "lr": 1e-3,
             "seed": args.seed}
     path = Path(__file__).resolve().parent / "results" / f"tune_bst_{args.protocol}.json"
-    done: dict[str, Any] = json.loads(path.read_text())["trials"] if path.exists() else {}
+    earlier = json.loads(path.read_text()) if path.exists() else {"trials": {}}
+    # trials of earlier invocations: trained on that invocation's date unless they say
+    done: dict[str, Any] = {n: {"date": earlier["date"], **t} for n, t in earlier["trials"].items()}
     started = time.perf_counter()
     for name in args.trials:
+        trained_before = (root / "tune" / f"{name}-s{args.seed}" / RESULT).exists()
+        dated = done.get(name, {}).get("date") if trained_before else None
         done[name] = run_trial(name, samples, root / "tune" / f"{name}-s{args.seed}", base)
+        done[name]["date"] = dated or now()
         print(f"{name}: best valid AUC {done[name]['best_valid_auc']:.4f} "
               f"(epochs {done[name]['valid_auc_by_epoch']})", flush=True)
     result = {"protocol": args.protocol, "date": now(), "machine": machine(), "seed": args.seed,

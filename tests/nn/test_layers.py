@@ -15,7 +15,7 @@ from bstrec.nn import (
     masked_mean,
     resolve_crosses,
 )
-from bstrec.nn.mlp import Activation
+from bstrec.nn.mlp import Activation, Norm
 from tests.ranking.test_models import make_batch, make_spec
 
 
@@ -32,6 +32,21 @@ def test_mlp_shapes(act: Activation) -> None:
     assert mlp(torch.randn(5, 12)).shape == (5, 1)
     assert mlp(torch.randn(5, 7, 12)).shape == (5, 7, 1)
     assert MLP(12, (16, 8), act=act).out_dim == 8
+
+
+@pytest.mark.parametrize(("norm", "kind"), [("batch", torch.nn.BatchNorm1d),
+                                            ("layer", torch.nn.LayerNorm)])
+def test_mlp_normalises_every_hidden_layer_before_its_activation(norm: Norm, kind: type) -> None:
+    mlp = MLP(12, (16, 8), norm=norm, out_dim=1)
+    layers = list(mlp)
+    norms = [i for i, m in enumerate(layers) if isinstance(m, kind)]
+    assert [type(layers[i - 1]) for i in norms] == [torch.nn.Linear] * 2
+    assert [getattr(layers[i], "normalized_shape", getattr(layers[i], "num_features", None))
+            for i in norms] in ([16, 8], [(16,), (8,)])
+    x = torch.randn(32, 12)
+    assert mlp(x).shape == (32, 1)
+    mlp.eval()  # BatchNorm on running statistics: rows no longer depend on each other
+    assert torch.allclose(mlp(x[:3]), mlp(x)[:3], atol=1e-6)
 
 
 def test_dice_uses_batch_stats_in_training_and_running_stats_in_eval() -> None:

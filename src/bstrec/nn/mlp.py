@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Activation = Literal["leaky_relu", "prelu", "dice", "relu", "sigmoid"]
+Norm = Literal["none", "batch", "layer"]
 
 
 class Dice(nn.Module):
@@ -66,18 +67,33 @@ def activation(name: Activation, dim: int) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}")
 
 
-class MLP(nn.Sequential):
-    """Linear -> activation -> dropout per hidden layer, then an optional linear output layer.
+def normalisation(name: Norm, dim: int) -> list[nn.Module]:
+    """The normalisation after a hidden layer of width ``dim``: none, BatchNorm (what
+    torch-rechub's towers put between every linear layer and its activation; folded into the
+    linear layer in an exported graph) or LayerNorm."""
+    if name == "none":
+        return []
+    if name == "batch":
+        return [nn.BatchNorm1d(dim)]
+    if name == "layer":
+        return [nn.LayerNorm(dim)]
+    raise ValueError(f"unknown normalisation {name!r}")
 
-    (..., in_dim) -> (..., hidden[-1]) or (..., out_dim) when ``out_dim`` is given.
+
+class MLP(nn.Sequential):
+    """Linear -> [norm] -> activation -> dropout per hidden layer, then an optional linear
+    output layer.
+
+    (B, in_dim) -> (B, hidden[-1]) or (B, out_dim) when ``out_dim`` is given; without ``norm``
+    (BatchNorm1d reads dimension 1 as the features) any leading dimensions (..., in_dim).
     """
 
     def __init__(self, in_dim: int, hidden: Sequence[int], *, act: Activation = "leaky_relu",
-                 dropout: float = 0.0, out_dim: int | None = None) -> None:
+                 dropout: float = 0.0, out_dim: int | None = None, norm: Norm = "none") -> None:
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
-            layers += [nn.Linear(d, h), activation(act, h)]
+            layers += [nn.Linear(d, h), *normalisation(norm, h), activation(act, h)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             d = h

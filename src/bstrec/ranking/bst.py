@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.timebuckets import N_TIME_BUCKETS
 from bstrec.nn.embeddings import Cross, FeatureEmbeddings, resolve_crosses
-from bstrec.nn.mlp import MLP, Activation
+from bstrec.nn.mlp import MLP, Activation, Norm
 from bstrec.nn.transformer import TransformerBlock
 from bstrec.ranking.request import broadcast
 
@@ -72,6 +72,8 @@ class BSTConfig:
     mlp: tuple[int, ...] = (1024, 512, 256)
     mlp_act: Activation = "leaky_relu"
     mlp_dropout: float = 0.0
+    # the paper's MLP has no normalisation; "batch" is what torch-rechub's MLPs do
+    mlp_norm: Norm = "none"
     crosses: tuple[tuple[str, str], ...] | None = None  # None: gender x category if in the spec
     time_buckets: int = N_TIME_BUCKETS
 
@@ -134,7 +136,8 @@ class BST(nn.Module):
                                     for _ in range(c.blocks))
         seq_out = (L + 1) * D if c.output == "concat" else D
         other = self.embed.n_fields * c.embed_dim + c.item_dim + c.cat_dim
-        self.mlp = MLP(seq_out + other, c.mlp, act=c.mlp_act, dropout=c.mlp_dropout, out_dim=1)
+        self.mlp = MLP(seq_out + other, c.mlp, act=c.mlp_act, dropout=c.mlp_dropout, out_dim=1,
+                       norm=c.mlp_norm)
         # The MLP's input is [sequence output, fields, target item, target category]: which
         # fields (and so which columns of the first layer) depend on the candidate, for
         # forward_request. A cross such as gender x category does, through its item side.
@@ -229,10 +232,11 @@ class BST(nn.Module):
         fields = emb.fields(broadcast(shared, items))  # (N, F, dim): lookups, no FLOPs
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
-        z = F.linear(torch.cat([seq, fields[:, self.item_fields].flatten(1), item_t, cat_t], 1),
+        z = F.linear(torch.cat([seq, fields.index_select(1, self.item_fields).flatten(1), item_t,
+                                cat_t], 1),
                      first.weight[:, self.w1_item_cols], first.bias)  # (N, hidden)
         if len(self.shared_fields):
-            z = z + F.linear(fields[:1, self.shared_fields].flatten(1),
+            z = z + F.linear(fields[:1].index_select(1, self.shared_fields).flatten(1),
                              first.weight[:, self.w1_shared_cols])  # (1, hidden), once
         for layer in list(self.mlp)[1:]:
             z = layer(z)
