@@ -15,7 +15,8 @@ pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
 pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo exporter)")
 
 CASES = [("bst", {}), ("din", {}), ("wdl", {}), ("wdl_seq", {}),
-         ("bst", BST_ABLATIONS[2]), ("bst", {"output": "target", "blocks": 2})]
+         ("bst", BST_ABLATIONS[2]), ("bst", {"output": "target", "blocks": 2}),
+         ("bst", {"output": "target", "mlp_norm": "batch"})]
 
 
 @pytest.mark.parametrize(("name", "overrides"), CASES, ids=lambda c: str(c))

@@ -165,8 +165,12 @@ class FeatureEmbeddings(nn.Module):
         parts: list[Tensor] = []
         if self.raw_names:
             raw = torch.stack([batch[n] for n in self.raw_names], 1)  # (B, R)
-            cross = raw[:, self.cross_a] * self.cross_size_b + raw[:, self.cross_b]  # (B, C)
-            parts.append(torch.cat([raw[:, self.single_idx], cross], 1) + self.offsets)
+            # index_select, not raw[:, idx]: one Gather in an exported graph, not a GatherND
+            # and transposes
+            cross = raw.index_select(1, self.cross_a) * self.cross_size_b \
+                + raw.index_select(1, self.cross_b)  # (B, C)
+            parts.append(torch.cat([raw.index_select(1, self.single_idx), cross], 1)
+                         + self.offsets)
         widths = []
         for i, name in enumerate(self.multi_names):
             ids = batch[name]  # (B, M), 0 = padding -> shared zero row

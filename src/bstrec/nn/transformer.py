@@ -53,20 +53,30 @@ class TransformerBlock(nn.Module):
 
         Exact because a block's output at a position reads the other positions only through
         their keys and values: the context's are computed once (not N times) and only the last
-        query row of the attention is evaluated, O(N T D) instead of O(N T D^2).
+        query row of the attention is evaluated, O(N T D) instead of O(N T D^2). The context's
+        keys and values enter as block-diagonal (D, H*(T-1)) and (H*(T-1), D) matrices, so that
+        every head's scores and weighted values are one plain matrix product each and padding
+        is an added -inf: an exported graph of a few large kernels, no per-head transposes.
         """
         N, D = last.shape
         H = self.heads
-        _, kc, vc = self._qkv(context)  # (1, H, T-1, D/H)
-        q, k, v = self.qkv(last).view(N, 3, H, D // H).unbind(1)  # each (N, H, D/H)
-        scale = (D // H) ** -0.5
-        q = q.transpose(0, 1)  # (H, N, D/H)
-        s_ctx = (q @ kc[0].transpose(-2, -1)) * scale  # (H, N, T-1)
-        s_ctx = s_ctx.masked_fill(~keep[:, None, :], float("-inf"))
-        s_last = (q * k.transpose(0, 1)).sum(-1, keepdim=True) * scale  # (H, N, 1)
-        w = torch.softmax(torch.cat([s_ctx, s_last], -1), -1)  # (H, N, T): the last query row
-        a = w[..., :-1] @ vc[0] + w[..., -1:] * v.transpose(0, 1)  # (H, N, D/H)
-        x = self.ln1(last + self.drop(self.proj(a.transpose(0, 1).reshape(N, D))))
+        dh, Tc = D // H, context.shape[1]
+        scale = dh ** -0.5
+        kv = F.linear(context[0], self.qkv.weight[D:], self.qkv.bias[D:])  # (T-1, 2D)
+        eye = torch.eye(H, dtype=last.dtype, device=last.device).reshape(H, 1, H, 1)
+        # k_bd[h*dh + d, g*(T-1) + j] = k[j, h*dh + d] if g == h, else 0; v_bd likewise
+        k_bd = (kv[:, :D].T.reshape(H, dh, 1, Tc) * eye).reshape(D, H * Tc)
+        v_bd = (kv[:, D:].reshape(Tc, H, dh).transpose(0, 1).reshape(H, Tc, 1, dh) * eye
+                ).reshape(H * Tc, D)
+        bias = torch.zeros(1, Tc, dtype=last.dtype, device=last.device).masked_fill(
+            ~keep, float("-inf")).repeat(1, H)  # (1, H*(T-1))
+        q, k, v = self.qkv(last).split(D, -1)  # each (N, D)
+        s_ctx = (q @ k_bd) * scale + bias  # (N, H*(T-1))
+        s_last = (q * k).reshape(N, H, dh).sum(-1, keepdim=True) * scale  # (N, H, 1)
+        w = torch.softmax(torch.cat([s_ctx.reshape(N, H, Tc), s_last], -1), -1)  # (N, H, T)
+        a = w[..., :Tc].reshape(N, H * Tc) @ v_bd \
+            + (w[..., Tc:] * v.reshape(N, H, dh)).reshape(N, D)  # (N, D)
+        x = self.ln1(last + self.drop(self.proj(a)))
         out: Tensor = self.ln2(x + self.drop(self.ffn(x)))  # (N, D)
         return out
 
