@@ -46,7 +46,7 @@ def test_seen_items_are_everything_rated_before_in_p1_order() -> None:
         before = {i for i in ts if (ts[i], i) < (ts[item], item)}
         assert seen == {enc[i] for i in before if i in enc}
         mask = q.seen_mask(np.array([j]), len(s.vocabs["item_id"]))
-        assert set(torch.nonzero(mask[0]).ravel().tolist()) == seen
+        assert set(np.flatnonzero(mask[0]).tolist()) == seen
     sub = q.subset(np.array([len(q) - 1]))
     assert len(sub) == 1 and sub.seen_count()[0] == q.seen_count()[-1]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
 
@@ -69,7 +68,7 @@ def test_similar_items_and_user_scores() -> None:
     sims, ids = cf.similar([2, 9, 99], 3)
     assert ids[0, 0] == 3 and sims[0, 0] >= sims[0, 1]
     assert (ids[1] == -1).all() and (ids[2] == -1).all()  # no neighbours / unknown id
-    hist = torch.tensor([[0, 0, 2]])
+    hist = np.array([[0, 0, 2]])
     s = cf.scores(hist, hist > 0)
     assert s.shape == (1, N)
     assert int(s[0].argmax()) == 3 and s[0, :2].sum() == 0

@@ -23,13 +23,14 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from bstrec.features.spec import N_RESERVED
 from bstrec.retrieval.catalog import Catalog, QuerySet
 from bstrec.retrieval.coldstart import COLD, FEW, REGULAR, ColdStartConfig, category_scores, route
 from bstrec.retrieval.index import VectorIndex
 from bstrec.retrieval.item_cf import ItemCF
 from bstrec.retrieval.merge import Candidates, merge
 from bstrec.retrieval.popular import Popularity
-from bstrec.retrieval.topk import drop_excluded, top_k
+from bstrec.retrieval.topk import best_k, drop_excluded
 from bstrec.retrieval.two_tower import TwoTower
 
 I64 = npt.NDArray[np.int64]
@@ -81,17 +82,19 @@ class CandidateGenerator:
             u: F32 = self.model.encode_users(batch).numpy()
         return u
 
-    def _two_tower(self, u: F32, seen: Tensor, k: int) -> I64:
+    def _two_tower(self, u: F32, seen: npt.NDArray[np.bool_], n_seen: int, k: int) -> I64:
         assert self.index is not None
         # ask for enough extra results that k remain once the seen ones are dropped
-        extra = int(seen.sum(1).max()) if len(seen) else 0
-        scores, ids = self.index.search(u, min(k + extra, max(len(self.index), 1)))
+        scores, ids = self.index.search(u, min(k + n_seen, max(len(self.index), 1)))
         return drop_excluded(ids, scores, seen, k)[1]
 
-    def _dense(self, scores: Tensor, seen: Tensor, k: int) -> I64:
-        # a source that gives an item no evidence (score 0) does not propose it
-        s = scores.masked_fill(scores <= 0, -torch.inf)
-        return top_k(s, k, seen)[1].numpy()
+    def _dense(self, scores: npt.NDArray[np.floating], seen: npt.NDArray[np.bool_], k: int
+               ) -> I64:
+        # a source that gives an item no evidence (score 0) does not propose it; top_k without
+        # its copy (this one is already a copy)
+        s = np.where((scores > 0) & ~seen, scores, -np.inf)
+        s[:, :N_RESERVED] = -np.inf
+        return best_k(s, k)[1]
 
     def source_lists(self, queries: QuerySet, rows: I64, k: int | None = None, *,
                      user_vectors: F32 | None = None,
@@ -101,21 +104,25 @@ class CandidateGenerator:
         ``only``: the sources wanted (default all; one request needs only its route's)."""
         k = k or self.config.source_k
         wanted = set(SOURCES if only is None else only)
-        batch = queries.data.batch(torch.from_numpy(rows))
+        # a request's query set is its one row: no gather needed
+        whole = len(rows) == len(queries) and bool((rows == np.arange(len(rows))).all())
+        batch = queries.data.tensors if whole else queries.data.batch(torch.from_numpy(rows))
         seen = queries.seen_mask(rows, self.catalog.size)
         out: dict[str, I64] = {}
         if self.model is not None and self.index is not None and "two_tower" in wanted:
             u = self.user_vectors(batch) if user_vectors is None else user_vectors
-            out["two_tower"] = self._two_tower(u, seen, k)
+            n_seen = int(queries.seen_count()[rows].max()) if len(rows) else 0
+            out["two_tower"] = self._two_tower(u, seen, n_seen, k)
+        hist_item, hist_cat, hist_mask = (batch[n].numpy() for n in
+                                          ("hist_item", "hist_cat", "hist_mask"))
         if self.item_cf is not None and "item_cf" in wanted:
-            out["item_cf"] = self._dense(self.item_cf.scores(batch["hist_item"],
-                                                             batch["hist_mask"]), seen, k)
+            out["item_cf"] = self._dense(self.item_cf.scores(hist_item, hist_mask), seen, k)
         if self.popular is not None and "popular" in wanted:
             ctx = self.popular.context_scores(self.popular.segment_of(batch))
-            out["popular"] = self._dense(torch.from_numpy(ctx).float(), seen, k)
+            out["popular"] = self._dense(ctx, seen, k)
         if self.popular is not None and "category" in wanted:
-            out["category"] = self._dense(category_scores(
-                self.popular, batch["hist_cat"], batch["hist_mask"]), seen, k)
+            out["category"] = self._dense(category_scores(self.popular, hist_cat, hist_mask),
+                                          seen, k)
         return out
 
     def plans(self) -> dict[int, dict[str, int]]:
@@ -131,8 +138,9 @@ class CandidateGenerator:
     # -- merge -----------------------------------------------------------------------------
     def merge_rows(self, queries: QuerySet, rows: I64, lists: dict[str, I64],
                    paths: npt.NDArray[np.int8] | None = None) -> Candidates:
-        """Merged candidates of ``rows`` from their source lists, cold-start routing applied
-        (``paths``: the rows' routes when the caller has them already)."""
+        """Merged candidates of ``rows`` from their ``source_lists`` (which hold no seen item
+        already), cold-start routing applied (``paths``: the rows' routes when the caller has
+        them already)."""
         cfg = self.config
         total = cfg.total
         if paths is None:
@@ -143,16 +151,10 @@ class CandidateGenerator:
             sel = np.flatnonzero(paths == path)
             if not len(sel):
                 continue
-            sub = {n: v[sel] for n, v in lists.items()}
-            r = rows[sel]
-            lo, hi = queries.seen_offsets[r], queries.seen_offsets[r + 1]
-            offsets = np.zeros(len(r) + 1, dtype=np.int64)
-            np.cumsum(hi - lo, out=offsets[1:])
-            flat = np.concatenate([queries.seen_items[a:b] for a, b in zip(lo, hi, strict=True)]) \
-                if len(r) else np.zeros(0, dtype=np.int64)
+            sub = lists if len(sel) == len(rows) else {n: v[sel] for n, v in lists.items()}
             # when a source is missing, its quota goes to the others through backfill
             usable = {n: q for n, q in quotas.items() if n in sub} or {"popular": total}
-            c = merge(sub, usable, seen_offsets=offsets, seen_items=flat, names=SOURCES)
+            c = merge(sub, usable, names=SOURCES)
             # backfilled lists can be shorter than the total when sources run out
             ids[sel, :c.ids.shape[1]] = c.ids[:, :total]
             src[sel, :c.ids.shape[1]] = c.sources[:, :total]

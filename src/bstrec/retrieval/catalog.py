@@ -143,13 +143,13 @@ class QuerySet:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
-    def seen_mask(self, rows: I64, size: int) -> torch.Tensor:
+    def seen_mask(self, rows: I64, size: int) -> npt.NDArray[np.bool_]:
         """(q,) query rows -> (q, size) bool, True at the items each user has seen."""
         lo, hi = self.seen_offsets[rows], self.seen_offsets[rows + 1]
         offsets, flat = gather_lists(lo, hi - lo)
         r = np.repeat(np.arange(len(rows)), np.diff(offsets))
-        mask = torch.zeros(len(rows), size, dtype=torch.bool)
-        mask[torch.from_numpy(r), torch.from_numpy(self.seen_items[flat])] = True
+        mask = np.zeros((len(rows), size), dtype=np.bool_)
+        mask[r, self.seen_items[flat]] = True
         return mask
 
     def seen_count(self) -> I64:

@@ -51,24 +51,30 @@ class ColdStartConfig:
         return {n: int(v) for (n, _), v in zip(self.few_shares, q, strict=True)}
 
 
-def route(hist_mask: Tensor, config: ColdStartConfig) -> npt.NDArray[np.int8]:
+def route(hist_mask: Tensor | npt.NDArray[np.bool_], config: ColdStartConfig
+          ) -> npt.NDArray[np.int8]:
     """(Q, L) history masks -> (Q,) path: COLD (no behaviour), FEW (1..few_events), REGULAR."""
-    n = hist_mask.sum(1).numpy()
+    n = np.asarray(hist_mask).sum(1)
     out: npt.NDArray[np.int8] = np.where(n == 0, COLD, np.where(
         n <= config.few_events, FEW, REGULAR)).astype(np.int8)
     return out
 
 
-def category_scores(pop: Popularity, hist_cat: Tensor, hist_mask: Tensor) -> Tensor:
+def category_scores(pop: Popularity, hist_cat: npt.ArrayLike, hist_mask: npt.ArrayLike
+                    ) -> npt.NDArray[np.float64]:
     """(Q, L) history categories -> (Q, N): the popular items of the categories the user
     touched, each category weighted by how many of the behaviours it holds."""
     C = pop.by_category.shape[0]
-    counts = torch.zeros(hist_cat.shape[0], C)
-    counts.scatter_add_(1, hist_cat.clamp(0, C - 1), hist_mask.float())
+    cats = np.clip(np.asarray(hist_cat, dtype=np.int64), 0, C - 1)
+    Q = cats.shape[0]
+    cell = (np.arange(Q, dtype=np.int64)[:, None] * C + cats).ravel()
+    counts = np.bincount(cell, weights=np.asarray(hist_mask, dtype=np.float64).ravel(),
+                         minlength=Q * C).reshape(Q, C)
     counts[:, :2] = 0.0  # padding / unknown category say nothing
-    by_cat = torch.from_numpy(pop.by_category).float()
-    shares = by_cat / by_cat.sum(1, keepdim=True).clamp(min=1e-12)  # (C, N)
-    return counts @ shares
+    by_cat = pop.by_category
+    shares = by_cat / np.maximum(by_cat.sum(1, keepdims=True), 1e-12)  # (C, N)
+    out: npt.NDArray[np.float64] = counts @ shares
+    return out
 
 
 @torch.no_grad()

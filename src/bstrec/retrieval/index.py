@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bstrec.data.io import atomic_dir
+from bstrec.retrieval.topk import best_k
 
 Kind = Literal["exact", "flat", "hnsw", "ivf"]
 IvfCodes = Literal["flat", "pq4"]
@@ -153,13 +154,8 @@ class ExactIndex(VectorIndex):
         if kk == 0:
             return scores, pos
         for lo in range(0, len(queries), self.block):
-            s = queries[lo:lo + self.block] @ self.vectors.T  # (q, N)
-            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < n else \
-                np.broadcast_to(np.arange(n), s.shape).copy()
-            ts = np.take_along_axis(s, top, 1)
-            order = np.argsort(-ts, axis=1, kind="stable")
-            scores[lo:lo + self.block, :kk] = np.take_along_axis(ts, order, 1)
-            pos[lo:lo + self.block, :kk] = np.take_along_axis(top, order, 1)
+            s, p = best_k(queries[lo:lo + self.block] @ self.vectors.T, kk)  # (q, N) -> (q, kk)
+            scores[lo:lo + self.block, :kk], pos[lo:lo + self.block, :kk] = s, p
         return scores, pos
 
     def _save_vectors(self, folder: Path) -> None:

@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import polars as pl
-import torch
-from torch import Tensor
 
 from bstrec.features.spec import N_RESERVED
 from bstrec.retrieval.popular import SECONDS_PER_DAY, decay_weights
@@ -63,8 +61,6 @@ class ItemCF:
         self.config = config
         self.ids = ids
         self.sims = sims
-        self._ids_t = torch.from_numpy(ids)
-        self._sims_t = torch.from_numpy(sims)
 
     @property
     def size(self) -> int:
@@ -130,18 +126,20 @@ class ItemCF:
         sims[:, :kk] = np.where(got, self.sims[np.where(ok, it, 0), :kk], -np.inf)
         return sims, ids
 
-    def scores(self, hist_item: Tensor, hist_mask: Tensor) -> Tensor:
+    def scores(self, hist_item: npt.ArrayLike, hist_mask: npt.ArrayLike) -> F32:
         """Right-aligned histories (Q, L) and their mask -> (Q, N) summed neighbour similarities,
         each history item weighted ``query_decay ** steps_back``."""
-        Q, L = hist_item.shape
-        steps_back = torch.arange(L - 1, -1, -1, dtype=torch.float32)  # (L,)
-        w = (self.config.query_decay ** steps_back) * hist_mask.float()  # (Q, L)
-        nbr = self._ids_t[hist_item]  # (Q, L, K)
-        val = self._sims_t[hist_item] * w.unsqueeze(-1)  # (Q, L, K)
-        out = torch.zeros(Q, self.size)
-        out.scatter_add_(1, nbr.reshape(Q, -1), val.reshape(Q, -1))
+        hist = np.asarray(hist_item, dtype=np.int64)
+        Q, L = hist.shape
+        steps_back = np.arange(L - 1, -1, -1, dtype=np.float32)  # (L,)
+        w = (np.float32(self.config.query_decay) ** steps_back) * np.asarray(hist_mask)  # (Q, L)
+        nbr = self.ids[hist]  # (Q, L, K)
+        val = self.sims[hist] * w[..., None].astype(np.float32)  # (Q, L, K)
+        # one bincount over (query, neighbour) cells: a scatter-add without a (Q, N) zero fill
+        cell = (np.arange(Q, dtype=np.int64)[:, None, None] * self.size + nbr).ravel()
+        out = np.bincount(cell, weights=val.ravel(), minlength=Q * self.size).reshape(Q, self.size)
         out[:, :N_RESERVED] = 0.0  # padding neighbours land on id 0
-        return out
+        return out.astype(np.float32)
 
     def save(self, folder: str | Path) -> None:
         root = Path(folder)

@@ -11,6 +11,7 @@ Notation: N catalog size (ids 0, 1 reserved), C categories, S segments, Q querie
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,11 +134,16 @@ class Popularity:
 
     def context_scores(self, segments: npt.ArrayLike) -> F64:
         """(Q,) segment codes -> (Q, N) shares: the segment's, shrunk towards the global ones."""
-        seg = self.by_segment[np.asarray(segments, dtype=np.int64)]  # (Q, N)
-        tot = seg.sum(1, keepdims=True)
+        out: F64 = self._context_table[np.asarray(segments, dtype=np.int64)]
+        return out
+
+    @functools.cached_property
+    def _context_table(self) -> F64:
+        """(S, N) every segment's shares, computed once: a request reads one row."""
+        seg = self.by_segment
         g = self.global_ / max(self.global_.sum(), 1e-12)
         prior = self.config.segment_prior
-        out: F64 = (seg + prior * g) / (tot + prior)
+        out: F64 = (seg + prior * g) / (seg.sum(1, keepdims=True) + prior)
         return out
 
     def save(self, folder: str | Path) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from torch import Tensor
 
 from bstrec.evaluation.metrics import ndcg_at_k, recall_at_k
 from bstrec.features.spec import N_RESERVED
@@ -18,35 +16,49 @@ I64 = npt.NDArray[np.int64]
 KS = (10, 50, 100, 200, 500)
 
 
-def top_k(scores: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """scores (Q, N), exclude (Q, N) bool -> (Q, k) scores and ids, best first; reserved ids,
-    excluded ids and -inf scores never come back (id -1 and score -inf in their place)."""
-    s = scores.float().clone()
-    s[:, :N_RESERVED] = -torch.inf
-    if exclude is not None:
-        s = s.masked_fill(exclude, -torch.inf)
-    kk = min(k, s.shape[1])
-    vals, ids = s.topk(kk, dim=1)
-    ids = torch.where(torch.isfinite(vals), ids, -1)
+def best_k(scores: npt.NDArray[np.floating], k: int) -> tuple[npt.NDArray[np.floating], I64]:
+    """(Q, N) -> each row's k largest scores and their column positions (Q, k), best first,
+    ties by the smaller position; -inf scores come back as position -1, and rows with fewer
+    than k columns are padded with -1 / -inf. NumPy throughout, few calls: a request is one
+    row, where a call's overhead costs more than its work."""
+    Q, n = scores.shape
+    kk = min(k, n)
+    rows = np.arange(Q)[:, None]
+    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < n else \
+        np.broadcast_to(np.arange(n), (Q, n))
+    vals = scores[rows, part]
+    order = np.lexsort((part, -vals))  # by score, descending, then by position
+    vals, pos = vals[rows, order], part[rows, order]
+    pos = np.where(vals == -np.inf, -1, pos)
     if kk < k:
-        pad = k - kk
-        vals = torch.cat([vals, vals.new_full((len(vals), pad), -torch.inf)], 1)
-        ids = torch.cat([ids, ids.new_full((len(ids), pad), -1)], 1)
-    return vals, ids
+        pad = ((0, 0), (0, k - kk))
+        vals = np.pad(vals, pad, constant_values=-np.inf)
+        pos = np.pad(pos, pad, constant_values=-1)
+    return vals, pos.astype(np.int64, copy=False)
 
 
-def drop_excluded(ids: I64, scores: npt.NDArray[np.float32], exclude: Tensor, k: int
+def top_k(scores: npt.ArrayLike, k: int, exclude: npt.NDArray[np.bool_] | None = None
+          ) -> tuple[npt.NDArray[np.floating], I64]:
+    """scores (Q, N), exclude (Q, N) bool -> (Q, k) scores and ids, best first, ties by the
+    smaller id; reserved ids, excluded ids and -inf scores never come back (id -1 and score
+    -inf in their place)."""
+    s = np.array(scores, dtype=np.result_type(np.asarray(scores).dtype, np.float32))  # a copy
+    s[:, :N_RESERVED] = -np.inf
+    if exclude is not None:
+        np.putmask(s, exclude, -np.inf)
+    return best_k(s, k)
+
+
+def drop_excluded(ids: I64, scores: npt.NDArray[np.float32], exclude: npt.NDArray[np.bool_], k: int
                   ) -> tuple[npt.NDArray[np.float32], I64]:
     """Ranked ids (Q, K') from an index -> the first k per row that are neither excluded
     (Q, N bool), reserved nor missing, order kept; -1 / -inf pad rows that run short."""
-    safe = np.clip(ids, 0, exclude.shape[1] - 1)
-    bad = (ids < N_RESERVED) | exclude.numpy()[np.arange(len(ids))[:, None], safe]
+    rows = np.arange(len(ids))[:, None]
+    bad = (ids < N_RESERVED) | exclude[rows, np.clip(ids, 0, exclude.shape[1] - 1)]
     order = np.argsort(bad, axis=1, kind="stable")[:, :k]
-    out_ids = np.take_along_axis(ids, order, 1)
-    out_s = np.take_along_axis(scores, order, 1)
-    gone = np.take_along_axis(bad, order, 1)
-    out_ids = np.where(gone, -1, out_ids)
-    out_s = np.where(gone, -np.inf, out_s).astype(np.float32)
+    gone = bad[rows, order]
+    out_ids = np.where(gone, -1, ids[rows, order])
+    out_s = np.where(gone, -np.inf, scores[rows, order]).astype(np.float32)
     if out_ids.shape[1] < k:
         pad = k - out_ids.shape[1]
         out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)

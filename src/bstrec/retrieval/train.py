@@ -119,9 +119,9 @@ def retrieve(model: TwoTower, catalog: Catalog, queries: QuerySet, k: int,
     for lo in range(0, len(queries), batch):
         rows = np.arange(lo, min(lo + batch, len(queries)))
         u = model.encode_users(queries.data.batch(torch.from_numpy(rows)))
-        s, i = top_k(u @ items.T, k, queries.seen_mask(rows, catalog.size))
-        out_s.append(s.numpy())
-        out_i.append(i.numpy())
+        s, i = top_k((u @ items.T).numpy(), k, queries.seen_mask(rows, catalog.size))
+        out_s.append(s)
+        out_i.append(i)
     return np.concatenate(out_s), np.concatenate(out_i)
 
 

@@ -65,7 +65,7 @@ class OnlineMatcher:
         rows = np.zeros(1, dtype=np.int64)
         # pre-rank reads the two-tower vector on every route
         u = self.user_vector(row)
-        paths = route(row["hist_mask"], self.generator.config.cold)
+        paths = route(row["hist_mask"].numpy(), self.generator.config.cold)
         route_id = int(paths[0])
         # only the sources this route merges: the others' lists would be dropped by the merge
         lists = self.generator.source_lists(queries, rows, user_vectors=u,
