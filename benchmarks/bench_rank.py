@@ -50,12 +50,14 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "bst_b3": ("bst", {"blocks": 3}),
 }
 # BST settings chosen on the valid split (tune_bst.py), trained on every seed like the main four:
-# the target position's output alone instead of all positions concatenated
+# the target position's output alone instead of all positions concatenated, BatchNorm in the MLP
 TUNED: dict[str, tuple[str, dict[str, Any]]] = {
-    "bst_out_target": ("bst", {"output": "target"}),
+    "bst_target_bn": ("bst", {"output": "target", "mlp_norm": "batch"}),
 }
-# paired bootstraps beyond BST - DIN: the tuned BST against DIN, each BST against the peer's
-ALSO_COMPARE = (("bst_out_target", "din"), ("bst_out_target", "torch_rechub_bst"),
+# paired bootstraps beyond BST - DIN: the tuned BST against DIN and each peer, the paper's BST
+# against the peers' BST
+ALSO_COMPARE = (("bst_target_bn", "din"), ("bst_target_bn", "torch_rechub_bst"),
+                ("bst_target_bn", "torch_rechub_din"), ("bst_target_bn", "torch_rechub_widedeep"),
                 ("bst", "torch_rechub_bst"))
 
 
@@ -226,6 +228,26 @@ def run_notes(names: list[str], train_results: dict[str, list[dict[str, Any]]],
     return notes
 
 
+def model_seeds(name: str, args: argparse.Namespace) -> list[int]:
+    """The seeds ``name`` trains on: ``--seeds-for`` if it names the model, else the ablation
+    or peer seeds for those, else ``--seeds``."""
+    if name in args.seeds_for:
+        return args.seeds_for[name]
+    if name in ABLATIONS:
+        return args.ablation_seeds
+    return args.peer_seeds if name in PEERS else args.seeds
+
+
+def parse_seeds_for(values: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for v in values:
+        name, _, seeds = v.partition("=")
+        if not seeds or not all(x.strip().isdigit() for x in seeds.split(",")):
+            raise argparse.ArgumentTypeError(f"--seeds-for wants NAME=0,1,2, got {v!r}")
+        out[name] = [int(x) for x in seeds.split(",")]
+    return out
+
+
 def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> None:
     root = Path(args.workdir) / protocol
     samples = ensure_samples(protocol, root, args.data_dir)
@@ -241,8 +263,7 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
     out_of_time = False
     for seed in args.seeds:  # seed-major: an interrupted run still has every model's first seed
         for name in names:
-            if (name in ABLATIONS and seed not in args.ablation_seeds) or (
-                    name in PEERS and seed not in args.peer_seeds):
+            if seed not in model_seeds(name, args):
                 continue
             run_dir = root / "runs" / f"{name}-s{seed}"
             over = (time.time() - started) / 60 > args.budget_minutes
@@ -309,6 +330,9 @@ def main() -> None:
                     help="seeds of the BST ablations (a subset of --seeds)")
     ap.add_argument("--peer-seeds", nargs="+", type=int, default=[0, 1, 2],
                     help="seeds of the torch-rechub peers (a subset of --seeds)")
+    ap.add_argument("--seeds-for", nargs="+", default=[], metavar="NAME=S,S",
+                    help="the seeds of one model, over the ones above (e.g. a slow peer on "
+                    "fewer seeds: torch_rechub_bst=0)")
     ap.add_argument("--max-epochs", type=int, default=3)
     ap.add_argument("--patience", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -323,6 +347,7 @@ def main() -> None:
                     help="only rewrite each protocol's BENCHMARKS.md section from its results "
                     "file (after a change to the section's layout), training nothing")
     args = ap.parse_args()
+    args.seeds_for = parse_seeds_for(args.seeds_for)
     if args.markdown_only:
         for protocol in args.protocol or list(DATASETS):
             path = RESULTS / f"rank_{protocol}.json"
@@ -336,7 +361,8 @@ def main() -> None:
             update_section(f"rank_{protocol}", section)
             print(f"{protocol}: rewrote its BENCHMARKS.md section from {path}")
         return
-    unknown = [n for n in args.models if n not in (*MAIN, *TUNED, *ABLATIONS, *PEERS)]
+    unknown = [n for n in [*args.models, *args.seeds_for]
+               if n not in (*MAIN, *TUNED, *ABLATIONS, *PEERS)]
     if unknown:
         ap.error(f"unknown models {unknown}")
     started = time.time()
