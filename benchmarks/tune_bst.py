@@ -36,6 +36,9 @@ TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "target_bn_long": ({"output": "target", "mlp_norm": "batch"}, {"max_epochs": 6}),
     "target_small_bn": ({"output": "target", "mlp": [256, 128, 64], "mlp_norm": "batch"}, {}),
     "paper_bn": ({"mlp_norm": "batch"}, {}),
+    # smaller layers for serving (benchmarks/bench_serving.py): a request's cost is mostly the
+    # candidates' feed-forward and MLP
+    "serve_bn": ({"output": "target", "mlp": [128, 64, 32], "ffn_mult": 2, "mlp_norm": "batch"}, {}),
 }
 
 

@@ -42,6 +42,14 @@ def pad_flat(lengths: np.ndarray, flat: np.ndarray, width: int, *, right_align: 
     out: np.ndarray = np.zeros((n, width), dtype=flat.dtype)
     if flat.size == 0:
         return out
+    if n == 1:  # a request's one row: a slice, not the gathers below
+        k = min(int(lengths[0]), width)
+        last = flat[int(lengths[0]) - k:int(lengths[0])]
+        if right_align:
+            out[0, width - k:] = last
+        else:
+            out[0, :k] = last
+        return out
     ends = np.cumsum(lengths)
     keep = np.minimum(lengths, width)
     row = np.repeat(np.arange(n), keep)
