@@ -23,14 +23,13 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from bstrec.features.spec import N_RESERVED
 from bstrec.retrieval.catalog import Catalog, QuerySet
 from bstrec.retrieval.coldstart import COLD, FEW, REGULAR, ColdStartConfig, category_scores, route
 from bstrec.retrieval.index import VectorIndex
 from bstrec.retrieval.item_cf import ItemCF
 from bstrec.retrieval.merge import Candidates, merge
 from bstrec.retrieval.popular import Popularity
-from bstrec.retrieval.topk import best_k, drop_excluded
+from bstrec.retrieval.topk import drop_excluded, top_k
 from bstrec.retrieval.two_tower import TwoTower
 
 I64 = npt.NDArray[np.int64]
@@ -90,11 +89,8 @@ class CandidateGenerator:
 
     def _dense(self, scores: npt.NDArray[np.floating], seen: npt.NDArray[np.bool_], k: int
                ) -> I64:
-        # a source that gives an item no evidence (score 0) does not propose it; top_k without
-        # its copy (this one is already a copy)
-        s = np.where((scores > 0) & ~seen, scores, -np.inf)
-        s[:, :N_RESERVED] = -np.inf
-        return best_k(s, k)[1]
+        # a source that gives an item no evidence (score 0) does not propose it
+        return top_k(np.where(scores > 0, scores, -np.inf), k, seen)[1]
 
     def source_lists(self, queries: QuerySet, rows: I64, k: int | None = None, *,
                      user_vectors: F32 | None = None,
