@@ -71,9 +71,7 @@ def category_scores(pop: Popularity, hist_cat: npt.ArrayLike, hist_mask: npt.Arr
     counts = np.bincount(cell, weights=np.asarray(hist_mask, dtype=np.float64).ravel(),
                          minlength=Q * C).reshape(Q, C)
     counts[:, :2] = 0.0  # padding / unknown category say nothing
-    by_cat = pop.by_category
-    shares = by_cat / np.maximum(by_cat.sum(1, keepdims=True), 1e-12)  # (C, N)
-    out: npt.NDArray[np.float64] = counts @ shares
+    out: npt.NDArray[np.float64] = counts @ pop.category_shares
     return out
 
 

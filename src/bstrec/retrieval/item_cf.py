@@ -135,7 +135,7 @@ class ItemCF:
         w = (np.float32(self.config.query_decay) ** steps_back) * np.asarray(hist_mask)  # (Q, L)
         nbr = self.ids[hist]  # (Q, L, K)
         val = self.sims[hist] * w[..., None].astype(np.float32)  # (Q, L, K)
-        # one bincount over (query, neighbour) cells: a scatter-add without a (Q, N) zero fill
+        # the scatter-add of every neighbour's weight into its (query, item) cell
         cell = (np.arange(Q, dtype=np.int64)[:, None, None] * self.size + nbr).ravel()
         out = np.bincount(cell, weights=val.ravel(), minlength=Q * self.size).reshape(Q, self.size)
         out[:, :N_RESERVED] = 0.0  # padding neighbours land on id 0

@@ -138,6 +138,13 @@ class Popularity:
         return out
 
     @functools.cached_property
+    def category_shares(self) -> F64:
+        """(C, N) each category's decayed counts as shares of the category's total."""
+        by_cat = self.by_category
+        out: F64 = by_cat / np.maximum(by_cat.sum(1, keepdims=True), 1e-12)
+        return out
+
+    @functools.cached_property
     def _context_table(self) -> F64:
         """(S, N) every segment's shares, computed once: a request reads one row."""
         seg = self.by_segment
