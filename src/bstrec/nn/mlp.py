@@ -69,8 +69,8 @@ def activation(name: Activation, dim: int) -> nn.Module:
 
 def normalisation(name: Norm, dim: int) -> list[nn.Module]:
     """The normalisation after a hidden layer of width ``dim``: none, BatchNorm (what
-    torch-rechub's towers put between every linear layer and its activation; folded into the
-    linear layer in an exported graph) or LayerNorm."""
+    torch-rechub's towers put between every linear layer and its activation; in eval mode an
+    affine map, which ONNX Runtime fuses into the linear layer before it) or LayerNorm."""
     if name == "none":
         return []
     if name == "batch":
