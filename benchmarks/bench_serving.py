@@ -22,7 +22,7 @@
 
     python benchmarks/bench_serving.py --data-dir /work/shared/data --duration 20
     python benchmarks/bench_serving.py --ranker artifacts/bench_rank/ml1m-ctr/runs/bst-s0
-    python benchmarks/bench_serving.py --ranker-config '{"output": "target", "mlp": [256, 128, 64]}'
+    python benchmarks/bench_serving.py --ranker-config '{}'   # the paper's BST
     python benchmarks/bench_serving.py --in-process 300     # Pipeline.recommend per stage, no HTTP
 """
 
@@ -51,8 +51,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, now, update_section, write_result
+from tune_bst import TRIALS
 
 GOAL_P99_MS, GOAL_CLIENTS = 20.0, 4
+# the BST served by default: chosen on the ML-1M valid split (tune_bst.py's serve_bn trial)
+SERVING_RANKER: dict[str, Any] = TRIALS["serve_bn"][0]
 API_KEY = "bench-serving-key"
 STAGES = ("store", "features", "retrieve", "prerank", "rank_features", "rank", "rules")
 
@@ -792,15 +795,16 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
     ap.add_argument("--workdir", default="artifacts/bench_serving")
     ap.add_argument("--ranker", help="reuse a BST training run (or checkpoint) of these samples")
-    ap.add_argument("--ranker-config", type=json.loads, default={}, metavar="JSON",
-                    help='BST config overrides when the ranker is trained here, e.g. '
-                    '\'{"output": "target", "mlp": [256, 128, 64]}\' (the request-shaped graph '
-                    'shares work across candidates with output "target" and one block)')
+    ap.add_argument("--ranker-config", type=json.loads, default=SERVING_RANKER, metavar="JSON",
+                    help='BST config overrides when the ranker is trained here (default: the '
+                    f'serving ranker chosen on valid AUC, {json.dumps(SERVING_RANKER)}; the '
+                    'request-shaped graph shares work across candidates with output "target" '
+                    'and one block; {} is the paper\'s BST)')
     ap.add_argument("--ranker-steps", type=int, default=0,
                     help="cap the one training epoch at this many steps (0: the whole epoch)")
     ap.add_argument("--retrieved", type=int, default=500)
     ap.add_argument("--ranked", type=int, default=200)
-    ap.add_argument("--variants", nargs="+", choices=("fp32", "int8"), default=["int8", "fp32"],
+    ap.add_argument("--variants", nargs="+", choices=("fp32", "int8"), default=["fp32", "int8"],
                     help="rankers served, one server each; the first is the headline")
     ap.add_argument("--ort-threads", type=int, default=1)
     ap.add_argument("--workers", type=int, nargs="+", default=[1],
