@@ -283,11 +283,9 @@ class Pipeline:
         watch.lap("prerank")
 
         cand_idx = matched.ids[order]
-        values = self.item_vocab.values
-        cands = [values[i] for i in (cand_idx - N_RESERVED).tolist()]
-        cats = [table.categories[i] for i in cand_idx.tolist()]
+        values, categories = self.item_vocab.values, table.categories
         scores = np.zeros(0, dtype=np.float32)
-        if cands:
+        if len(cand_idx):
             # the query row already holds the user's history, profile and context: only the
             # candidates' item columns are taken here (rows of the item table), and the
             # ranker's request-shaped graph takes the shared inputs once (equal to rows() + the
@@ -303,14 +301,15 @@ class Pipeline:
         # best first, ties in pre-rank order (a stable sort, as sorting the items was); the
         # rules read ids and categories, and only the k kept become response items
         best = np.argsort(-scores, kind="stable")
-        kept = apply_rules(best.tolist(), k, item_of=lambda j: cands[j],
-                           category_of=lambda j: cats[j],
+        ids = cand_idx.tolist()
+        kept = apply_rules(best.tolist(), k, item_of=lambda j: values[ids[j] - N_RESERVED],
+                           category_of=lambda j: categories[ids[j]],
                            seen=seen_raw, max_per_category=self.bundle.config.max_per_category)
-        final = [RecommendedItem(item_id=cands[j], score=float(scores[j]),
-                                 prerank_score=float(pre[order[j]]),
+        final = [RecommendedItem(item_id=(item := values[ids[j] - N_RESERVED]),
+                                 score=float(scores[j]), prerank_score=float(pre[order[j]]),
                                  sources=matched.sources(int(order[j])),
-                                 category=cats[j],
-                                 model_version=version, title=self._title(cands[j]))
+                                 category=categories[ids[j]], model_version=version,
+                                 title=self._title(item))
                  for j in kept]
         watch.lap("rules")
         return Recommendation(

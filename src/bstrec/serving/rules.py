@@ -19,22 +19,25 @@ def apply_rules(ranked: Sequence[T], k: int, *, item_of: Callable[[T], object],
                 category_of: Callable[[T], str | None], seen: Collection[object],
                 max_per_category: int) -> list[T]:
     """``ranked`` best first -> at most ``k`` of them, seen items dropped, categories capped
-    (0 = no cap); the order among kept items is the ranked order."""
-    fresh = [r for r in ranked if item_of(r) not in seen]
-    if max_per_category <= 0:
-        return fresh[:k]
+    (0 = no cap); the order among kept items is the ranked order. One pass that stops at the
+    k-th kept item: a request reads the ids and categories of the few it walks, not of all."""
+    kept: list[tuple[int, T]] = []  # (position among the unseen items, item)
+    capped: list[tuple[int, T]] = []
     counts: dict[str | None, int] = {}
-    kept: list[int] = []
-    for i, r in enumerate(fresh):
-        cat = category_of(r)
-        # items without a category are not capped: nothing says they are alike
-        if cat is not None and counts.get(cat, 0) >= max_per_category:
+    fresh = 0
+    for r in ranked:
+        if item_of(r) in seen:
             continue
-        counts[cat] = counts.get(cat, 0) + 1
-        kept.append(i)
+        fresh += 1
+        if max_per_category > 0:
+            cat = category_of(r)
+            # items without a category are not capped: nothing says they are alike
+            if cat is not None and counts.get(cat, 0) >= max_per_category:
+                capped.append((fresh, r))
+                continue
+            counts[cat] = counts.get(cat, 0) + 1
+        kept.append((fresh, r))
         if len(kept) == k:
             break
-    if len(kept) < k:
-        taken = set(kept)
-        kept = sorted(kept + [i for i in range(len(fresh)) if i not in taken][:k - len(kept)])
-    return [fresh[i] for i in kept]
+    # a short list: the capped items fill it, in ranked order among the kept ones
+    return [r for _, r in sorted(kept + capped[:k - len(kept)], key=lambda e: e[0])]
