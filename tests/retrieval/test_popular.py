@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from bstrec.retrieval.popular import PopularConfig, Popularity, decay_weights
+from bstrec.retrieval.topk import top_k
 
 DAY = 86_400
 N = 7  # ids 2..6
@@ -58,6 +59,10 @@ def test_context_segments_shrink_towards_global() -> None:
                             PopularConfig(half_life_days=0, segment=("user_gender",),
                                           segment_prior=1e6))
     assert int(np.argmax(strong.context_scores([3])[0])) == 2  # the prior dominates
+    # each segment's ranking: its items with evidence, by share, as top_k orders that row
+    for seg in (2, 3):
+        want = top_k(np.where(s[seg - 2] > 0, s[seg - 2], -np.inf)[None], N)[1][0]
+        assert pop.context_ranking(seg).tolist() == [i for i in want.tolist() if i >= 0]
 
 
 def test_save_load(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bstrec.retrieval.topk import best_k, drop_excluded, top_k
+from bstrec.retrieval.topk import best_k, drop_excluded, first_k_without, top_k
 
 
 def test_best_k_orders_by_score_then_by_the_smaller_position() -> None:
@@ -35,3 +35,11 @@ def test_drop_excluded_keeps_the_index_order() -> None:
     exclude[0, 3] = True
     s, out = drop_excluded(ids, scores, exclude, 4)
     assert out.tolist() == [[5, 4, 2, -1]] and s[0, :3].tolist() == [6.0, 3.0, 1.0]
+
+
+def test_first_k_without_takes_each_rows_first_unexcluded_ids_of_one_ranking() -> None:
+    order = np.array([5, 2, 7, 3])
+    exclude = np.zeros((3, 8), dtype=bool)
+    exclude[1, [5, 7]] = True
+    exclude[2, [5, 2, 7, 3]] = True
+    assert first_k_without(order, exclude, 3).tolist() == [[5, 2, 7], [2, 3, -1], [-1, -1, -1]]

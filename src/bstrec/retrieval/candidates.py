@@ -29,7 +29,7 @@ from bstrec.retrieval.index import VectorIndex
 from bstrec.retrieval.item_cf import ItemCF
 from bstrec.retrieval.merge import Candidates, merge
 from bstrec.retrieval.popular import Popularity
-from bstrec.retrieval.topk import drop_excluded, top_k
+from bstrec.retrieval.topk import drop_excluded, first_k_without, top_k
 from bstrec.retrieval.two_tower import TwoTower
 
 I64 = npt.NDArray[np.int64]
@@ -92,6 +92,16 @@ class CandidateGenerator:
         # a source that gives an item no evidence (score 0) does not propose it
         return top_k(np.where(scores > 0, scores, -np.inf), k, seen)[1]
 
+    @staticmethod
+    def _popular(popular: Popularity, segments: I64, seen: npt.NDArray[np.bool_], k: int) -> I64:
+        # the rows of one segment share its scores: its ranking, computed once, minus each row's
+        # seen items (the same lists as _dense on context_scores)
+        out = np.full((len(segments), k), -1, dtype=np.int64)
+        for seg in np.unique(segments).tolist():
+            rows = np.flatnonzero(segments == seg)
+            out[rows] = first_k_without(popular.context_ranking(seg), seen[rows], k)
+        return out
+
     def source_lists(self, queries: QuerySet, rows: I64, k: int | None = None, *,
                      user_vectors: F32 | None = None,
                      only: Collection[str] | None = None) -> dict[str, I64]:
@@ -114,8 +124,7 @@ class CandidateGenerator:
         if self.item_cf is not None and "item_cf" in wanted:
             out["item_cf"] = self._dense(self.item_cf.scores(hist_item, hist_mask), seen, k)
         if self.popular is not None and "popular" in wanted:
-            ctx = self.popular.context_scores(self.popular.segment_of(batch))
-            out["popular"] = self._dense(ctx, seen, k)
+            out["popular"] = self._popular(self.popular, self.popular.segment_of(batch), seen, k)
         if self.popular is not None and "category" in wanted:
             out["category"] = self._dense(category_scores(self.popular, hist_cat, hist_mask),
                                           seen, k)

@@ -66,6 +66,7 @@ class Popularity:
         self.item_category = item_category  # (N,)
         self.segment_sizes = segment_sizes  # vocabulary size of each segment feature
         self.now = now
+        self._rankings: dict[int, I64] = {}  # context_ranking's, by segment
 
     @property
     def size(self) -> int:
@@ -143,6 +144,19 @@ class Popularity:
         by_cat = self.by_category
         out: F64 = by_cat / np.maximum(by_cat.sum(1, keepdims=True), 1e-12)
         return out
+
+    def context_ranking(self, segment: int) -> I64:
+        """The items segment ``segment`` gives evidence for (share > 0; reserved ids never), by
+        share, best first, ties by the smaller id: ``top_k`` of its ``context_scores`` row,
+        computed once per segment (segments are few; a request reads one)."""
+        ranking = self._rankings.get(segment)
+        if ranking is None:
+            share = self._context_table[segment]
+            ids = np.flatnonzero(share > 0)
+            ids = ids[ids >= N_RESERVED]
+            ranking = ids[np.lexsort((ids, -share[ids]))]
+            self._rankings[segment] = ranking
+        return ranking
 
     @functools.cached_property
     def _context_table(self) -> F64:

@@ -49,6 +49,18 @@ def top_k(scores: npt.ArrayLike, k: int, exclude: npt.NDArray[np.bool_] | None =
     return best_k(s, k)
 
 
+def first_k_without(order: I64, exclude: npt.NDArray[np.bool_], k: int) -> I64:
+    """A ranking (n,) of ids, best first, shared by every row -> each row's first k ids that
+    ``exclude`` (Q, N bool) does not mark, (Q, k), -1 where the ranking runs out: ``top_k`` of
+    rows whose scores are all the same, ranked once instead of once per row."""
+    keep = ~exclude[:, order]  # (Q, n)
+    rank = np.cumsum(keep, 1) - 1
+    rows, cols = np.nonzero(keep & (rank < k))
+    out = np.full((len(exclude), k), -1, dtype=np.int64)
+    out[rows, rank[rows, cols]] = order[cols]
+    return out
+
+
 def drop_excluded(ids: I64, scores: npt.NDArray[np.float32], exclude: npt.NDArray[np.bool_], k: int
                   ) -> tuple[npt.NDArray[np.float32], I64]:
     """Ranked ids (Q, K') from an index -> the first k per row that are neither excluded
