@@ -126,7 +126,7 @@ def ensure_bundle(work: Path, samples: Path, ranker: Path, two_tower: Path, retr
 
     out = work / "bundle"
     want = {"retrieved": retrieved, "ranked": ranked, "ranker": str(ranker.resolve()),
-            "request_graph": True, "user_tower_graph": True}
+            "request_graph": True, "user_tower_graph": True, "item_parts_graph": True}
     stamp = work / "bundle.json"
     if not rebuild and (out / "manifest.json").exists() and stamp.exists() \
             and json.loads(stamp.read_text()) == want:
@@ -213,9 +213,8 @@ def ort_levels(path: Path, feed: dict[str, np.ndarray], reps: int) -> dict[str, 
         opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
         opts.graph_optimization_level = level
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = OnnxRanker(path, threads=1).input_names
-        inputs = {n: np.ascontiguousarray(feed[n], dtype=np.bool_ if n == "hist_mask"
-                                          else np.int64) for n in names}
+        types = OnnxRanker(path, threads=1).input_types
+        inputs = {n: np.ascontiguousarray(feed[n], dtype=t) for n, t in types.items()}
         out[name] = timed(lambda s=sess, x=inputs: s.run(["logits"], x), reps)
     return out
 
@@ -231,9 +230,10 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
 
     from bstrec.data.samples import SampleSet
     from bstrec.evaluation.metrics import auc
-    from bstrec.ranking.export import OnnxRanker
+    from bstrec.ranking.bst import BST
+    from bstrec.ranking.export import PARTS, OnnxGraph, OnnxRanker
     from bstrec.ranking.request import forward_request, item_names, shared_names
-    from bstrec.serving.bundle import RANKER, RANKER_REQUEST
+    from bstrec.serving.bundle import RANKER, RANKER_ITEMS, RANKER_REQUEST
     from bstrec.training.checkpoint import load_checkpoint
     from bstrec.training.tensors import TensorSplit
 
@@ -258,6 +258,17 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
                 for v in c.values())
         return float(fc.get_total_flops()), float(mlp)
 
+    # what the server runs per request: with item parts (BST, target output, one block) those
+    # are computed once per catalogue item, not per request (serving/pipeline.py)
+    bst = model if isinstance(model, BST) and model.request_shaped else None
+    with torch.no_grad():
+        parts = None if bst is None else bst.item_parts(items)
+
+    def request_fn() -> Any:
+        if bst is not None and parts is not None:
+            return bst.forward_parts(shared, parts, items)
+        return forward_request(model, shared, items)
+
     class Request(torch.nn.Module):
         """The request path as a module call, so that FLOPs are attributed to submodules."""
 
@@ -265,11 +276,11 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
             super().__init__()
             self.model = model
 
-        def forward(self, s: Any, i: Any) -> Any:
-            return forward_request(self.model, s, i)
+        def forward(self) -> Any:
+            return request_fn()
 
     flops, mlp = count(lambda: model(batch))
-    req_flops, req_mlp = count(lambda: Request()(shared, items))
+    req_flops, req_mlp = count(lambda: Request()())
     # where the FLOPs are: the MLP, and the rest (the Transformer block; embeddings are lookups)
     by_module = {"mlp": mlp, "transformer_and_rest": flops - mlp}
     config = getattr(model, "config", None)
@@ -287,8 +298,7 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
         for t in (1, 2):
             torch.set_num_threads(t)
             out["latency_ms"][f"eager_{t}t"] = timed(lambda: model(batch), reps)
-            req["latency_ms"][f"eager_{t}t"] = timed(
-                lambda: forward_request(model, shared, items), reps)
+            req["latency_ms"][f"eager_{t}t"] = timed(request_fn, reps)
     torch.set_num_threads(saved)
     feed = {k: v.numpy() for k, v in batch.items()}
     req_feed = {k: v.numpy() for k, v in (shared | items).items()}
@@ -303,6 +313,8 @@ def ranker_cost(samples: Path, ranker: Path, bundles: dict[str, Path], ranked: i
         out["opt_level_ms"][name] = ort_levels(bundle / RANKER, feed, reps)
         sess = OnnxRanker(bundle / RANKER, threads=2)
         if (bundle / RANKER_REQUEST).exists():
+            if (bundle / RANKER_ITEMS).exists():
+                req_feed[PARTS] = OnnxGraph(bundle / RANKER_ITEMS).run(req_feed)
             for t in (1, 2):
                 rs = OnnxRanker(bundle / RANKER_REQUEST, threads=t)
                 req["latency_ms"][f"onnx_{name}_{t}t"] = timed(lambda s=rs: s.predict(req_feed),

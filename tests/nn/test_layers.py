@@ -150,6 +150,14 @@ def test_embeddings_fields_sequences_and_crosses() -> None:
     assert torch.equal(e.fields[:, 3], emb.table(row))
     no_hist = FeatureEmbeddings(spec, 4, seq_dims={"hist_item": 8}, history=False)
     assert no_hist(b).seq["hist_item"].shape == (5, 1, 8)
+    # a cross from its two inputs alone, one side broadcast (a request's user, N candidates)
+    assert torch.equal(emb.cross_fields(b, [3]), e.fields[:, 3:4])
+    one = {"user_gender": b["user_gender"][:1], "category": b["category"]}
+    want = emb.table(off + b["user_gender"][0] * spec.feature("category").vocab_size
+                     + b["category"])
+    assert torch.equal(emb.cross_fields(one, [3])[:, 0], want)
+    with pytest.raises(ValueError, match="not a cross"):
+        emb.cross_fields(b, [0])
 
 
 def test_multi_hot_mean_ignores_padding() -> None:

@@ -14,7 +14,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bstrec.ranking import build_ranker
 from bstrec.ranking.bst import BST
-from bstrec.ranking.export import export_request_ranker, load_runtime, request_inputs
+from bstrec.ranking.export import (
+    PARTS,
+    OnnxGraph,
+    export_request_parts,
+    export_request_ranker,
+    load_runtime,
+    request_inputs,
+)
 from bstrec.ranking.request import broadcast, forward_request, item_names, shared_names
 from tests.ranking.test_models import Batch, briefly_trained, make_batch, make_spec
 
@@ -108,3 +115,32 @@ def test_exported_request_graph_equals_forward(name: str, overrides: dict[str, o
             got = runtime.predict({k: v.numpy() for k, v in {**shared, **items}.items()})
             assert got.shape == (n,) and got.dtype == np.float32
             assert np.abs(got - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("overrides", [
+    TARGET, {**TARGET, "mlp_norm": "batch"}, {**TARGET, "position": "slot"},
+    {**TARGET, "crosses": [["user_gender", "category"], ["user", "hour"]]}], ids=str)
+def test_exported_item_parts_and_request_parts_graphs_equal_forward(
+        overrides: dict[str, object], tmp_path: Path) -> None:
+    """The two graphs a target-output BST serves through: item parts computed once per item
+    (here for a catalogue, rows gathered per request), then the request from them."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
+    pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo exporter)")
+    model = trained("bst", overrides)
+    assert isinstance(model, BST)
+    spec = make_spec()
+    request, items_path = export_request_parts(model, spec, tmp_path / "r.onnx",
+                                               tmp_path / "i.onnx")
+    runtime, item_graph = load_runtime(request, threads=1), OnnxGraph(items_path, threads=1)
+    assert runtime.graph == "request_parts" and runtime.shares_work
+    assert runtime.input_names == (*shared_names(spec), PARTS, *model.mixed_item_inputs)
+    for n, width in ((1, 1), (7, 3), (200, 5)):
+        for shared, items in requests(n, 20 + n, multi_width=width):
+            with torch.no_grad():
+                want = model(broadcast(shared, items)).numpy()
+            catalogue = item_graph.run({k: v.numpy() for k, v in items.items()})  # (n, P)
+            picked = np.arange(n)[::-1].copy()  # candidates in another order than the table's
+            feed = {k: v.numpy() for k, v in shared.items()} | {
+                k: v.numpy()[picked] for k, v in items.items()} | {PARTS: catalogue[picked]}
+            got = runtime.predict(feed)
+            assert np.abs(got - want[picked]).max() < 1e-5

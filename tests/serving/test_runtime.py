@@ -17,22 +17,24 @@ import torch
 from bstrec.data.io import sha256_file
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.store import FeatureStore, UserSnapshot
-from bstrec.ranking import build_ranker
-from bstrec.ranking.export import example_batch, export_ranker, export_request_ranker
+from bstrec.ranking.export import example_batch
 from bstrec.retrieval.export import export_user_tower
 from bstrec.retrieval.two_tower import TwoTower
 from bstrec.serving.bundle import (
     MANIFEST,
     RANKER,
+    RANKER_ITEMS,
     RANKER_REQUEST,
     USER_TOWER,
     Bundle,
     BundleError,
+    build_bundle,
     load_bundle,
 )
 from bstrec.serving.guard import StoreGuard
 from bstrec.serving.pipeline import Pipeline
 from bstrec.serving.runtime import UserTowerRuntime
+from bstrec.training.task import train_ranker
 from bstrec.training.tensors import Batch
 from tests.serving.conftest import Artifacts
 
@@ -61,23 +63,35 @@ def test_bundle_serves_through_the_request_graph(bundle: Bundle, pipeline: Pipel
         request_scores_match_rows(pipeline, store, user)
 
 
-def test_a_target_output_bst_shares_work_and_serves_the_same_scores(
-        artifacts: Artifacts, bundle: Bundle, store: FeatureStore, tmp_path: Path) -> None:
-    """The fixture's BST concatenates every output (no sharing): swap in a BST whose request
-    graph does share work, and the pipeline's scores still equal the batch graph on the rows."""
-    torch.manual_seed(0)
-    model = build_ranker("bst", bundle.spec, {"output": "target", "mlp": [32, 16], "item_dim": 8,
-                                              "cat_dim": 4, "pos_dim": 4, "heads": 2}).eval()
-    copy = tmp_path / "target"
-    shutil.copytree(artifacts.bundle, copy)
-    export_ranker(model, bundle.spec, copy / RANKER)
-    export_request_ranker(model, bundle.spec, copy / RANKER_REQUEST)
-    rehash(copy)
-    target = load_bundle(copy)
-    assert target.ranker.request is not None and target.ranker.request.shares_work
+def test_a_target_output_bst_serves_from_precomputed_item_parts(
+        artifacts: Artifacts, store: FeatureStore, tmp_path: Path) -> None:
+    """The fixture's BST concatenates every output (no sharing). A BST with the target output
+    and one block is bundled as the request-parts graph and its item-parts graph: the pipeline
+    computes every catalogue item's parts once, and its scores still equal the batch graph on
+    the full rows, with the cached parts and without them (computed per request)."""
+    threads = torch.get_num_threads()
+    run = tmp_path / "target_bst"
+    train_ranker("bst", artifacts.samples, run, model_overrides={
+        "output": "target", "mlp": [32, 16], "mlp_norm": "batch", "item_dim": 8, "cat_dim": 4,
+        "pos_dim": 4, "heads": 2}, train_overrides={"max_steps": 3, "num_threads": 1},
+        progress=False)
+    torch.set_num_threads(threads)
+    target = load_bundle(build_bundle(artifacts.samples, run / "best", tmp_path / "bundle",
+                                      retriever_dir=artifacts.retriever))
+    assert {RANKER_REQUEST, RANKER_ITEMS} <= set(target.manifest["files"])
+    assert target.ranker.request is not None and target.ranker.request.graph == "request_parts"
     pipe = Pipeline(target, StoreGuard(store, "embedded"), clock=lambda: NOW)
+    pipe.warmup()
+    parts = pipe._item_parts(pipe.table)
+    assert parts is not None and parts.shape[0] == len(pipe.table.present)
     for user in (3, 11, 10_000_000):
         request_scores_match_rows(pipe, store, user)
+    snap = store.snapshot(3)
+    row = pipe.features.query_row(snap, pipe.table, pipe.probe_item, NOW)
+    idx = np.arange(2, 40)
+    cands = pipe.table.inputs(idx)
+    np.testing.assert_allclose(target.ranker.score_request(row, cands, parts[idx]),
+                               target.ranker.score_request(row, cands), rtol=1e-6, atol=1e-7)
 
 
 def test_a_bundle_without_the_request_graph_serves_through_the_batch_graph(

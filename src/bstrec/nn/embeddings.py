@@ -113,6 +113,10 @@ class FeatureEmbeddings(nn.Module):
         multi_off = [add(f.vocab, f.vocab_size) for f in multis]
 
         self.raw_names: tuple[str, ...] = tuple(raw)
+        # each cross field's (input a, input b, size of b's vocabulary, offset), as plain values
+        # for cross_fields (tensors would be data that a traced graph cannot branch on)
+        self.cross_specs: tuple[tuple[str, str, int, int], ...] = tuple(
+            (a, b, cats[b].vocab_size, off) for (a, b), off in zip(crosses, cross_off, strict=True))
         self.field_names: tuple[str, ...] = (
             *(f.name for f in singles), *(f"{a}_x_{b}" for a, b in crosses), *self.multi_names)
         self.dim = dim
@@ -159,6 +163,20 @@ class FeatureEmbeddings(nn.Module):
                 ids = torch.cat([batch[col], ids], 1)  # (B, L+1)
             seq[col] = self.seq_tables[col](ids)  # (B, L+1, d), or (B, 1, d) without history
         return Embedded(self.fields(batch), seq)
+
+    def cross_fields(self, batch: Mapping[str, Tensor], fields: Sequence[int]) -> Tensor:
+        """(B, len(fields), dim): the cross fields ``fields`` (indices into ``field_names``) of
+        ``fields(batch)``, from their two inputs only, which broadcast: a request's (1,)
+        user side against its (N,) candidates' item side."""
+        n_single = len(self.single_idx)
+        rows = []
+        for f in fields:
+            if not 0 <= f - n_single < len(self.cross_specs):
+                raise ValueError(f"field {f} ({self.field_names[f]}) is not a cross")
+            a, b, size_b, offset = self.cross_specs[f - n_single]
+            rows.append(batch[a] * size_b + batch[b] + offset)
+        out: Tensor = self.table(torch.stack(torch.broadcast_tensors(*rows), 1))  # type: ignore[no-untyped-call]
+        return out
 
     def fields(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Batch contract -> (B, F, dim): the fields of ``forward`` without the sequences."""

@@ -47,9 +47,21 @@ class TransformerBlock(nn.Module):
         out: Tensor = self.ln2(x + self.drop(self.ffn(x)))  # (B, T, D)
         return out
 
-    def forward_last(self, context: Tensor, keep: Tensor, last: Tensor) -> Tensor:
+    def last_parts(self, last: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What ``forward_last`` computes from the last tokens (N, D) alone: their queries
+        scaled by 1/sqrt(D/H) (N, D), values (N, D) and attention scores on themselves
+        (N, H), for a caller that computes them once per token and reuses them."""
+        N, D = last.shape
+        H = self.heads
+        q, k, v = self.qkv(last).split(D, -1)  # each (N, D)
+        q = q * (D // H) ** -0.5
+        return q, v, (q * k).reshape(N, H, D // H).sum(-1)
+
+    def forward_last(self, context: Tensor, keep: Tensor, last: Tensor,
+                     parts: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """``forward(cat([context, last_n]), cat([keep, True]))[:, -1]`` for each of N last tokens
-        that share one context: context (1, T-1, D), keep (1, T-1), last (N, D) -> (N, D).
+        that share one context: context (1, T-1, D), keep (1, T-1), last (N, D) -> (N, D);
+        ``parts``: ``last_parts(last)`` when the caller has them already.
 
         Exact because a block's output at a position reads the other positions only through
         their keys and values: the context's are computed once (not N times) and only the last
@@ -61,7 +73,7 @@ class TransformerBlock(nn.Module):
         N, D = last.shape
         H = self.heads
         dh, Tc = D // H, context.shape[1]
-        scale = dh ** -0.5
+        q, v, s_last = self.last_parts(last) if parts is None else parts
         kv = F.linear(context[0], self.qkv.weight[D:], self.qkv.bias[D:])  # (T-1, 2D)
         eye = torch.eye(H, dtype=last.dtype, device=last.device).reshape(H, 1, H, 1)
         # k_bd[h*dh + d, g*(T-1) + j] = k[j, h*dh + d] if g == h, else 0; v_bd likewise
@@ -70,10 +82,9 @@ class TransformerBlock(nn.Module):
                 ).reshape(H * Tc, D)
         bias = torch.zeros(1, Tc, dtype=last.dtype, device=last.device).masked_fill(
             ~keep, float("-inf")).repeat(1, H)  # (1, H*(T-1))
-        q, k, v = self.qkv(last).split(D, -1)  # each (N, D)
-        s_ctx = (q @ k_bd) * scale + bias  # (N, H*(T-1))
-        s_last = (q * k).reshape(N, H, dh).sum(-1, keepdim=True) * scale  # (N, H, 1)
-        w = torch.softmax(torch.cat([s_ctx.reshape(N, H, Tc), s_last], -1), -1)  # (N, H, T)
+        s_ctx = q @ k_bd + bias  # (N, H*(T-1))
+        w = torch.softmax(torch.cat([s_ctx.reshape(N, H, Tc), s_last[..., None]], -1),
+                          -1)  # (N, H, T)
         a = w[..., :Tc].reshape(N, H * Tc) @ v_bd \
             + (w[..., Tc:] * v.reshape(N, H, dh)).reshape(N, D)  # (N, D)
         x = self.ln1(last + self.drop(self.proj(a)))

@@ -104,8 +104,10 @@ class BST(nn.Module):
     sin_pos: Tensor
     shared_fields: Tensor
     item_fields: Tensor
+    w1_seq_cols: Tensor
     w1_shared_cols: Tensor
     w1_item_cols: Tensor
+    w1_mixed_cols: Tensor
 
     def __init__(self, spec: FeatureSpec, config: BSTConfig | None = None) -> None:
         super().__init__()
@@ -138,22 +140,29 @@ class BST(nn.Module):
         other = self.embed.n_fields * c.embed_dim + c.item_dim + c.cat_dim
         self.mlp = MLP(seq_out + other, c.mlp, act=c.mlp_act, dropout=c.mlp_dropout, out_dim=1,
                        norm=c.mlp_norm)
-        # The MLP's input is [sequence output, fields, target item, target category]: which
-        # fields (and so which columns of the first layer) depend on the candidate, for
-        # forward_request. A cross such as gender x category does, through its item side.
+        # The MLP's input is [sequence output, fields, target item, target category]. For
+        # forward_parts: which fields read only the user and context (shared by a request's
+        # candidates), only the target item (computable per catalogue item, item_parts), or
+        # both (a cross such as gender x category), and the first layer's columns of each.
         per_item = {f.name for f in spec.features if f.group == "item"}
-        varies = [bool(per_item & set(self.embed.field_inputs(i)))
-                  for i in range(self.embed.n_fields)]
-        shared = [i for i, v in enumerate(varies) if not v]
-        cols = torch.arange(seq_out + other)
-        is_shared = torch.zeros(seq_out + other, dtype=torch.bool)
-        for i in shared:
-            is_shared[seq_out + i * c.embed_dim: seq_out + (i + 1) * c.embed_dim] = True
-        for name, value in (("shared_fields", torch.tensor(shared, dtype=torch.long)),
-                            ("item_fields", torch.tensor([i for i, v in enumerate(varies) if v],
-                                                         dtype=torch.long)),
-                            ("w1_shared_cols", cols[is_shared]), ("w1_item_cols", cols[~is_shared])):
-            self.register_buffer(name, value, persistent=False)
+        reads = [set(self.embed.field_inputs(i)) for i in range(self.embed.n_fields)]
+        kinds = ["item" if r <= per_item else "mixed" if r & per_item else "shared" for r in reads]
+        fields = {k: [i for i, v in enumerate(kinds) if v == k] for k in ("shared", "item", "mixed")}
+
+        def cols(ids: list[int]) -> list[int]:
+            return [seq_out + i * c.embed_dim + j for i in ids for j in range(c.embed_dim)]
+
+        target_cols = list(range(seq_out + self.embed.n_fields * c.embed_dim, seq_out + other))
+        for name, value in (("shared_fields", fields["shared"]), ("item_fields", fields["item"]),
+                            ("w1_seq_cols", list(range(seq_out))),
+                            ("w1_shared_cols", cols(fields["shared"])),
+                            ("w1_item_cols", cols(fields["item"]) + target_cols),
+                            ("w1_mixed_cols", cols(fields["mixed"]))):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.long), persistent=False)
+        self.mixed_field_ids: tuple[int, ...] = tuple(fields["mixed"])  # plain ints: traced
+        # the item inputs forward_parts reads beside the precomputed parts (crosses' item side)
+        self.mixed_item_inputs: tuple[str, ...] = tuple(dict.fromkeys(
+            n for i in fields["mixed"] for n in self.embed.field_inputs(i) if n in per_item))
 
     @property
     def request_shaped(self) -> bool:
@@ -204,43 +213,93 @@ class BST(nn.Module):
         category, item features) with batch N -> logits (N,), equal to ``forward`` on the
         expanded batch (tests/ranking/test_request.py).
 
-        With ``request_shaped`` (target output, one block) the history tokens, their keys and
-        values and the first MLP layer's product with the shared fields (user, context) are
-        computed once per request; per candidate remain the target token's attention row over
-        the L+1 keys, its feed-forward and the MLP on the candidate's columns. That is most of
-        a request's FLOPs gone: the expanded batch repeats the history N times. Other configs
-        broadcast the shared inputs and run ``forward`` (exact, nothing saved).
+        With ``request_shaped`` (target output, one block) this is ``forward_parts`` on the
+        candidates' ``item_parts``; other configs broadcast the shared inputs and run
+        ``forward`` (exact, nothing saved).
         """
         if not self.request_shaped:
             out: Tensor = self(broadcast(shared, items))
             return out
+        return self.forward_parts(shared, self.item_parts(items), items)
+
+    def _fields_from(self, known: Batch, n: int) -> Tensor:
+        """(n, F, dim) ``embed.fields`` with zeros for the inputs ``known`` lacks: right for the
+        fields that read only ``known`` (an item's alone, or a request's shared ones)."""
+        emb = self.embed
+        zero = next(iter(known.values())).new_zeros(n, dtype=torch.long)
+        return emb.fields({m: known.get(m, zero) for m in emb.raw_names}
+                          | {m: known.get(m, zero[:, None]) for m in emb.multi_names})
+
+    @property
+    def part_sizes(self) -> tuple[int, ...]:
+        """Widths of ``item_parts``' pieces: target token, its scaled query, its value, its
+        attention score on itself (one per head), the first MLP layer's item columns."""
+        D, first = self.config.token_dim, self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        return D, D, D, self.config.heads, first.out_features
+
+    def item_parts(self, items: Batch) -> Tensor:
+        """(N,) target-item inputs -> (N, sum(part_sizes)): everything a candidate contributes
+        to ``forward_parts`` that depends on the item alone, so that serving computes it once
+        per catalogue item instead of once per request (serving/pipeline.py). Needs
+        ``request_shaped``."""
         emb = self.embed
         item_t = emb.seq_tables["hist_item"](items[emb.seq_targets["hist_item"]])  # (N, item)
         cat_t = emb.seq_tables["hist_cat"](items[emb.seq_targets["hist_cat"]])  # (N, cat)
         N = item_t.shape[0]
-        context = [emb.seq_tables["hist_item"](shared["hist_item"]),
-                   emb.seq_tables["hist_cat"](shared["hist_cat"])]  # (1, L, item), (1, L, cat)
-        target = [item_t, cat_t]
-        pos = self._positions(shared["hist_pos"])  # (1, L+1, pos_dim): the target's is last
+        parts = [item_t, cat_t]
+        # the target's position does not depend on the history (time bucket 1, slot 0)
+        pos = self._positions(self.slots.new_zeros(1, self.max_len))
         if pos is not None:
-            context.append(pos[:, :-1])
-            target.append(pos[:, -1].expand(N, -1))
+            parts.append(pos[:, -1].expand(N, -1))
+        token = torch.cat(parts, -1)  # (N, D)
         block = self.blocks[0]
         assert isinstance(block, TransformerBlock)
-        seq = block.forward_last(torch.cat(context, -1), shared["hist_mask"],
-                                 torch.cat(target, -1))  # (N, D)
-        fields = emb.fields(broadcast(shared, items))  # (N, F, dim): lookups, no FLOPs
+        q, v, s_self = block.last_parts(token)
+        fields = self._fields_from(items, N)
         first = self.mlp[0]
         assert isinstance(first, nn.Linear)
-        z = F.linear(torch.cat([seq, fields.index_select(1, self.item_fields).flatten(1), item_t,
-                                cat_t], 1),
-                     first.weight[:, self.w1_item_cols], first.bias)  # (N, hidden)
+        z_item = F.linear(torch.cat([fields.index_select(1, self.item_fields).flatten(1), item_t,
+                                     cat_t], 1), first.weight[:, self.w1_item_cols],
+                          first.bias)  # (N, hidden)
+        return torch.cat([token, q, v, s_self, z_item], 1)
+
+    def forward_parts(self, shared: Batch, parts: Tensor, items: Batch) -> Tensor:
+        """One request from its candidates' ``item_parts`` (N, P): ``shared`` as in
+        ``forward_request``, ``items`` (N,) the item inputs of ``mixed_item_inputs`` (others
+        are ignored) -> logits (N,).
+
+        The history tokens, their keys and values and the first MLP layer's product with the
+        shared fields are computed once per request; per candidate remain its attention row
+        over the history (two plain matrix products), the feed-forward, the crosses that read
+        both user and item, and the MLP. The expanded batch would repeat the history N times.
+        """
+        emb = self.embed
+        token, q, v, s_self, z_item = torch.split(parts, list(self.part_sizes), 1)
+        context = [emb.seq_tables["hist_item"](shared["hist_item"]),
+                   emb.seq_tables["hist_cat"](shared["hist_cat"])]  # (1, L, item), (1, L, cat)
+        pos = self._positions(shared["hist_pos"])  # (1, L+1, pos_dim)
+        if pos is not None:
+            context.append(pos[:, :-1])
+        block = self.blocks[0]
+        assert isinstance(block, TransformerBlock)
+        seq = block.forward_last(torch.cat(context, -1), shared["hist_mask"], token,
+                                 parts=(q, v, s_self))  # (N, D)
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)
+        w = first.weight
+        z = z_item + F.linear(seq, w[:, self.w1_seq_cols])  # (N, hidden)
+        if self.mixed_field_ids:
+            crosses = emb.cross_fields(shared | {n: items[n] for n in self.mixed_item_inputs},
+                                       self.mixed_field_ids)  # (N, C, dim)
+            z = z + F.linear(crosses.flatten(1), w[:, self.w1_mixed_cols])
         if len(self.shared_fields):
-            z = z + F.linear(fields[:1].index_select(1, self.shared_fields).flatten(1),
-                             first.weight[:, self.w1_shared_cols])  # (1, hidden), once
+            z = z + F.linear(self._fields_from(shared, 1).index_select(1, self.shared_fields)
+                             .flatten(1), w[:, self.w1_shared_cols])  # (1, hidden), once
         for layer in list(self.mlp)[1:]:
             z = layer(z)
-        return z.squeeze(-1)  # (N,)
+        out: Tensor = z.squeeze(-1)  # (N,)
+        return out
 
     @torch.no_grad()
     def attention_maps(self, batch: Batch) -> Tensor:

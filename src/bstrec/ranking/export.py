@@ -16,6 +16,12 @@ says ``bstrec.graph = request`` (the batch graph's says ``batch``, or nothing in
 before the request graph existed) and whether it shares work across candidates
 (``bstrec.shares_work``).
 
+A ranker that splits off what depends on the item alone (BST with ``request_shaped``:
+``item_parts`` / ``forward_parts``) is exported as two graphs instead
+(:func:`export_request_parts`): ``item_parts`` (the item inputs, N -> ``parts`` (N, P) float32),
+run once per catalogue item, and ``request_parts`` (the shared inputs with batch 1, then
+``item_parts`` (N, P) and the item inputs it still reads, ``bstrec.part_item_inputs``).
+
 :func:`export_graph` and :class:`OnnxGraph` are the machinery under both, shared with the
 two-tower's user tower (retrieval/export.py), whose graph says ``bstrec.graph = user_tower``.
 """
@@ -35,9 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from bstrec.features.spec import FeatureSpec
+from bstrec.ranking.bst import BST
 from bstrec.ranking.request import SEQUENCE_INPUTS, forward_request, item_names, shared_names
 
 OPSET = 20
+PARTS = "item_parts"  # the request_parts graph's input of precomputed item parts (N, P)
 
 
 def model_inputs(spec: FeatureSpec) -> tuple[str, ...]:
@@ -115,6 +123,58 @@ def export_request_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path)
                         meta={"bstrec.graph": "request", "bstrec.shares_work": json.dumps(shares)})
 
 
+class _ItemParts(nn.Module):
+    """Positional item inputs -> the ranker's ``item_parts`` (N, P)."""
+
+    def __init__(self, model: BST, items: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.items = items
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        out: Tensor = self.model.item_parts(dict(zip(self.items, xs, strict=True)))
+        return out
+
+
+class _RequestParts(nn.Module):
+    """Positional tensors (shared inputs, item parts, the item inputs still read) -> logits."""
+
+    def __init__(self, model: BST, shared: tuple[str, ...], items: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.shared = shared
+        self.items = items
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        n = len(self.shared)
+        out: Tensor = self.model.forward_parts(dict(zip(self.shared, xs[:n], strict=True)), xs[n],
+                                               dict(zip(self.items, xs[n + 1:], strict=True)))
+        return out
+
+
+def export_request_parts(model: BST, spec: FeatureSpec, request_path: str | Path,
+                         items_path: str | Path) -> tuple[Path, Path]:
+    """Write a ranker with ``item_parts`` / ``forward_parts`` (in eval mode) as the two graphs
+    of the module docstring; returns (request graph, item-parts graph)."""
+    items, shared = item_names(spec), shared_names(spec)
+    still = model.mixed_item_inputs
+    example = example_batch(spec)
+    export_graph(model, _ItemParts(model, items), spec, items_path, names=items,
+                 args=tuple(example[n] for n in items), batched=set(items),
+                 meta={"bstrec.graph": "item_parts"}, output="parts")
+    was_training = model.training
+    with torch.no_grad():
+        parts = model.eval().item_parts({n: example[n] for n in items})
+    model.train(was_training)
+    names = (*shared, PARTS, *still)
+    args = (*(example[n][:1] for n in shared), parts, *(example[n] for n in still))
+    export_graph(model, _RequestParts(model, shared, still), spec, request_path, names=names,
+                 args=args, batched={PARTS, *still},
+                 meta={"bstrec.graph": "request_parts", "bstrec.shares_work": "true",
+                       "bstrec.part_item_inputs": json.dumps(list(still))})
+    return Path(request_path), Path(items_path)
+
+
 def export_graph(model: nn.Module, wrapper: nn.Module, spec: FeatureSpec, path: str | Path, *,
                  names: tuple[str, ...], args: tuple[Tensor, ...], batched: set[str],
                  meta: dict[str, str], output: str = "logits") -> Path:
@@ -160,6 +220,10 @@ def export_graph(model: nn.Module, wrapper: nn.Module, spec: FeatureSpec, path: 
     return path
 
 
+_ORT_TYPES: dict[str, type] = {"tensor(int64)": np.int64, "tensor(bool)": np.bool_,
+                               "tensor(float)": np.float32}
+
+
 class OnnxGraph:
     """A graph written by :func:`export_graph`, in ONNX Runtime: its spec, input names and
     metadata (``meta``); ``run(batch)`` -> its one output."""
@@ -176,12 +240,14 @@ class OnnxGraph:
         self.meta: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.spec = FeatureSpec.from_dict(json.loads(self.meta["bstrec.spec"]))
         self.input_names: tuple[str, ...] = tuple(i.name for i in self.session.get_inputs())
+        self.input_types: dict[str, type] = {i.name: _ORT_TYPES[i.type]
+                                             for i in self.session.get_inputs()}
         self.output_name: str = self.session.get_outputs()[0].name
 
     def run(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """The graph's inputs as NumPy arrays (extra keys ignored) -> its output."""
-        feed = {n: np.ascontiguousarray(batch[n], dtype=np.bool_ if n == "hist_mask"
-                                        else np.int64) for n in self.input_names}
+        feed: dict[str, np.ndarray] = {n: np.ascontiguousarray(batch[n], dtype=t)
+                                       for n, t in self.input_types.items()}
         out: np.ndarray = self.session.run([self.output_name], feed)[0]
         return out
 

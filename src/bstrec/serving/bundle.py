@@ -7,6 +7,9 @@ Layout (written in one atomic rename; nothing in it is ever unpickled)::
     ranker.onnx          the BST ranker (ranking/export.py), spec in its metadata
     ranker_request.onnx  the same ranker, request-shaped (one user, N candidates); bundles
                          built before it existed lack it and are served through ranker.onnx
+    ranker_items.onnx    with a request graph that reads precomputed item parts (BST with the
+                         target output and one block): the graph computing them, run once per
+                         catalogue item (serving/pipeline.py)
     feature_spec.json    the feature specification shared by every model of the bundle
     vocab.json           the vocabularies that encode requests (features/online.py)
     catalog.parquet      encoded item features by item index (retrieval/catalog.py)
@@ -63,6 +66,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RANKER = "ranker.onnx"
 RANKER_REQUEST = "ranker_request.onnx"
+RANKER_ITEMS = "ranker_items.onnx"
 SPEC = "feature_spec.json"
 VOCAB = "vocab.json"
 CATALOG = "catalog.parquet"
@@ -155,7 +159,8 @@ def build_bundle(
     ``retriever_dir``: optional output of ``train_two_tower(out_dir=...)``. Popularity and
     item-CF are fitted here on the train split (seconds, even on ML-1M).
     """
-    from bstrec.ranking.export import export_ranker, export_request_ranker
+    from bstrec.ranking.bst import BST
+    from bstrec.ranking.export import export_ranker, export_request_parts, export_request_ranker
     from bstrec.retrieval.export import export_user_tower
     from bstrec.retrieval.train import item_vectors, load_retriever
     from bstrec.training.checkpoint import load_checkpoint
@@ -190,7 +195,10 @@ def build_bundle(
     with atomic_dir(target) as tmp:
         with _quiet("onnxscript", "onnx_ir"):  # the exporter's optimizer logs at INFO
             export_ranker(ranker.model, spec, tmp / RANKER)
-            export_request_ranker(ranker.model, spec, tmp / RANKER_REQUEST)
+            if isinstance(ranker.model, BST) and ranker.model.request_shaped:
+                export_request_parts(ranker.model, spec, tmp / RANKER_REQUEST, tmp / RANKER_ITEMS)
+            else:
+                export_request_ranker(ranker.model, spec, tmp / RANKER_REQUEST)
             if two_tower is not None:
                 export_user_tower(two_tower, spec, tmp / USER_TOWER)
         spec.save(tmp / SPEC)
@@ -262,9 +270,11 @@ def load_bundle(path: str | Path, *, verify: bool = True, ort_threads: int = 1) 
             pl.exceptions.PolarsError) as exc:
         raise BundleError(f"{root}: cannot read an artifact: {exc}") from None
     # bundles built before the request-shaped graph: served through ranker.onnx (runtime.py)
-    request = root / RANKER_REQUEST if RANKER_REQUEST in manifest["files"] else None
+    request, items = (root / n if n in manifest["files"] else None
+                      for n in (RANKER_REQUEST, RANKER_ITEMS))
     try:
-        ranker = RankerRuntime(root / RANKER, threads=ort_threads, request_path=request)
+        ranker = RankerRuntime(root / RANKER, threads=ort_threads, request_path=request,
+                               items_path=items)
         ranker.check()
     except Exception as exc:  # ONNX Runtime raises its own types on a bad graph
         both = f" (with {RANKER_REQUEST})" if request is not None else ""

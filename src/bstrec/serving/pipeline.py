@@ -46,6 +46,7 @@ from bstrec.serving.match import OnlineMatcher
 from bstrec.serving.rules import apply_rules
 
 I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
 STAGES = ("store", "features", "retrieve", "prerank", "rank_features", "rank", "rules")
 MAX_ID_CHARS = 256
 # Events stamped further than this in the future are refused (a clock or unit error: ms for s).
@@ -178,6 +179,8 @@ class Pipeline:
         # version of them (_item_table)
         self.table = ItemTable.build(self.features, bundle.items)
         self._table_lock = threading.Lock()
+        # the ranker's item parts of every catalogue item (ranking/export.py), for one table
+        self._parts: tuple[ItemTable, F32 | None] | None = None
         self.matcher = OnlineMatcher(bundle)
         self.item_vocab = bundle.vocabs["item_id"]
         # the query row's target: any real item (retrieval reads the history, profile and
@@ -242,6 +245,17 @@ class Pipeline:
                 changes.items, changes.version, base=self.bundle.items if changes.full else None)
         return table
 
+    def _item_parts(self, table: ItemTable) -> F32 | None:
+        """(V, P) the ranker's item parts of every vocabulary index of ``table`` (None when its
+        request graph reads item inputs), computed once per table: item features change
+        rarely, requests share them."""
+        cached = self._parts
+        if cached is not None and cached[0] is table:
+            return cached[1]
+        parts = self.bundle.ranker.item_parts(table.inputs(np.arange(len(table.present))))
+        self._parts = (table, parts)  # one assignment: readers see the old pair or the new
+        return parts
+
     # --- recommend ----------------------------------------------------------------------------
     def recommend(self, user_id: object, k: int = 10, now: int | None = None) -> Recommendation:
         """Top ``k`` items for ``user_id`` at time ``now`` (unix seconds; default the clock)."""
@@ -252,12 +266,13 @@ class Pipeline:
     def warmup(self) -> Recommendation:
         """One request for a user without history (the store not read): loads every lazy part
         (ONNX session, encoders, index); then, when the store answers, its item features into
-        the item table, so that no request pays for encoding the catalogue. Runs before the
-        pipeline takes traffic."""
+        the item table and the ranker's item parts of that table, so that no request pays for
+        encoding the catalogue. Runs before the pipeline takes traffic."""
         user: UserId = -1 if self.bundle.user_id_type == "int" else "__warmup__"
         out = self._recommend(user, 10, None, use_store=False)
         reasons: list[str] = []
-        self._item_table(self._snapshot(user, reasons, use_store=True), reasons, use_store=True)
+        self._item_parts(self._item_table(self._snapshot(user, reasons, use_store=True), reasons,
+                                          use_store=True))
         return out
 
     def _recommend(self, user: UserId, k: int, now: int | None, *,
@@ -291,8 +306,10 @@ class Pipeline:
             # ranker's request-shaped graph takes the shared inputs once (equal to rows() + the
             # batch graph, tested)
             cand_inputs = table.inputs(cand_idx)
+            parts = self._item_parts(table)
             watch.lap("rank_features")
-            scores = self.bundle.ranker.score_request(row, cand_inputs)
+            scores = self.bundle.ranker.score_request(
+                row, cand_inputs, None if parts is None else parts[cand_idx])
         else:
             watch.lap("rank_features")
         watch.lap("rank")

@@ -23,7 +23,7 @@ import numpy.typing as npt
 import torch
 
 from bstrec.features.spec import FeatureSpec
-from bstrec.ranking.export import OnnxGraph, OnnxRanker, example_batch
+from bstrec.ranking.export import PARTS, OnnxGraph, OnnxRanker, example_batch
 from bstrec.ranking.request import SEQUENCE_INPUTS, item_names, shared_names
 from bstrec.retrieval.export import GRAPH as USER_TOWER_GRAPH
 from bstrec.retrieval.export import user_tower_inputs
@@ -48,21 +48,31 @@ def sigmoid(z: F32) -> F32:
 
 class RankerRuntime:
     """``score(batch) -> (B,)`` and ``score_request(shared, items) -> (N,)`` click
-    probabilities from exported ranker files (``request_path``: the request-shaped graph)."""
+    probabilities from exported ranker files (``request_path``: the request-shaped graph, or the
+    ``request_parts`` graph with ``items_path``, its ``item_parts`` graph: ranking/export.py)."""
 
     def __init__(self, path: str | Path, threads: int = 1,
-                 request_path: str | Path | None = None) -> None:
+                 request_path: str | Path | None = None,
+                 items_path: str | Path | None = None) -> None:
         # One intra-op thread by default: requests run in parallel threads already, and a
         # thread pool per session per request would oversubscribe the cores.
         self.ranker = OnnxRanker(path, threads=threads)
         self.spec: FeatureSpec = self.ranker.spec
         self.request: OnnxRanker | None = None
+        self.items: OnnxGraph | None = None
         if request_path is not None:
             self.request = OnnxRanker(request_path, threads=threads)
-            if self.request.graph != "request":
+            if self.request.graph not in ("request", "request_parts"):
                 raise ValueError(f"{request_path} is not a request-shaped ranker graph")
             if self.request.spec != self.spec:
                 raise ValueError(f"{request_path} was exported for another feature spec than {path}")
+            if self.request.graph == "request_parts":
+                if items_path is None:
+                    raise ValueError(f"{request_path} reads item parts: it needs its item graph")
+                self.items = OnnxGraph(items_path, threads=threads)
+                if self.items.meta.get("bstrec.graph") != "item_parts" \
+                        or self.items.spec != self.spec:
+                    raise ValueError(f"{items_path} is not the item-parts graph of {request_path}")
         self.shared_names = shared_names(self.spec)
         self.item_names = item_names(self.spec)
 
@@ -74,19 +84,32 @@ class RankerRuntime:
         """Batch contract -> (B,) probabilities sigmoid(logit)."""
         return sigmoid(self.logits(batch))
 
-    def logits_request(self, shared: Inputs, items: Inputs) -> F32:
+    def item_parts(self, items: Inputs) -> F32 | None:
+        """(N,) item inputs -> (N, P) what the request graph reads of each candidate once
+        computed (cache it per catalogue item and pass rows of it to ``logits_request``);
+        None when the request graph reads the item inputs themselves."""
+        if self.items is None:
+            return None
+        out: F32 = self.items.run(_numpy(items, self.item_names))
+        return out
+
+    def logits_request(self, shared: Inputs, items: Inputs, parts: F32 | None = None) -> F32:
         """One request: ``shared`` user/context/history inputs (batch 1) and ``items`` the N
-        candidates' item inputs -> (N,) logits, equal to ``logits`` on the broadcast batch."""
+        candidates' item inputs -> (N,) logits, equal to ``logits`` on the broadcast batch.
+        ``parts``: the candidates' rows of ``item_parts`` (computed here when not given)."""
         s, i = _numpy(shared, self.shared_names), _numpy(items, self.item_names)
+        if self.request is not None and self.items is not None:
+            got = self.items.run(i) if parts is None else parts
+            return self.request.predict(s | i | {PARTS: got})
         if self.request is not None:
             return self.request.predict(s | i)
         n = len(next(iter(i.values())))
         return self.ranker.predict({k: np.broadcast_to(v, (n, *v.shape[1:])) for k, v in s.items()}
                                    | i)
 
-    def score_request(self, shared: Inputs, items: Inputs) -> F32:
+    def score_request(self, shared: Inputs, items: Inputs, parts: F32 | None = None) -> F32:
         """One request -> (N,) probabilities sigmoid(logit)."""
-        return sigmoid(self.logits_request(shared, items))
+        return sigmoid(self.logits_request(shared, items, parts))
 
     def check(self) -> None:
         """Score a tiny valid batch (and request); raise ValueError when a graph does not run,
