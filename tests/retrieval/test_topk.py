@@ -43,3 +43,6 @@ def test_first_k_without_takes_each_rows_first_unexcluded_ids_of_one_ranking() -
     exclude[1, [5, 7]] = True
     exclude[2, [5, 2, 7, 3]] = True
     assert first_k_without(order, exclude, 3).tolist() == [[5, 2, 7], [2, 3, -1], [-1, -1, -1]]
+    for r in range(3):  # one row (a request) takes a shortcut to the same lists
+        assert first_k_without(order, exclude[r:r + 1], 3).tolist() == \
+            first_k_without(order, exclude, 3)[r:r + 1].tolist()

@@ -53,10 +53,14 @@ def first_k_without(order: I64, exclude: npt.NDArray[np.bool_], k: int) -> I64:
     """A ranking (n,) of ids, best first, shared by every row -> each row's first k ids that
     ``exclude`` (Q, N bool) does not mark, (Q, k), -1 where the ranking runs out: ``top_k`` of
     rows whose scores are all the same, ranked once instead of once per row."""
+    out = np.full((len(exclude), k), -1, dtype=np.int64)
+    if len(exclude) == 1:  # a request: one boolean gather
+        got = order[~exclude[0, order]][:k]
+        out[0, :len(got)] = got
+        return out
     keep = ~exclude[:, order]  # (Q, n)
     rank = np.cumsum(keep, 1) - 1
     rows, cols = np.nonzero(keep & (rank < k))
-    out = np.full((len(exclude), k), -1, dtype=np.int64)
     out[rows, rank[rows, cols]] = order[cols]
     return out
 
