@@ -676,7 +676,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"load average at start {r['loadavg_start'][0]:.1f} / {r['loadavg_start'][1]:.1f} / "
         f"{r['loadavg_start'][2]:.1f} (1/5/15 min) on a machine other jobs may share. "
         f"The load generator (asyncio aiohttp, same machine) runs {r['duration_s']:.0f} s per "
-        f"level after {r['warmup_s']:.0f} s of warm-up; 10% of requests are `POST /events`. "
+        f"level after {r['warmup_s']:.0f} s of warm-up (and each new server first "
+        f"{r.get('server_warmup_s', 0):.0f} s at {GOAL_CLIENTS} clients, unrecorded); 10% of "
+        "requests are `POST /events`. "
         f"Each `/recommend` retrieves {r['retrieved']} candidates (two-tower + item-CF + "
         f"popular quotas) and BST-ranks {r['ranked']} in ONNX Runtime, {r['ort_threads']} "
         "intra-op thread(s); one server per ranker variant (fp32, or int8: "
@@ -823,7 +825,10 @@ def main() -> None:
                     help="uvicorn worker processes; one server per (workers, variant)")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--duration", type=float, default=20.0, help="seconds measured per level")
-    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds unrecorded per level")
+    ap.add_argument("--server-warmup", type=float, default=15.0,
+                    help=f"seconds of {GOAL_CLIENTS}-client load, unrecorded, on each new server "
+                    "before its first level")
     ap.add_argument("--events-share", type=float, default=0.1)
     ap.add_argument("--probes", type=int, default=50)
     ap.add_argument("--reps", type=int, default=30, help="repetitions of the offline timings")
@@ -899,6 +904,9 @@ def main() -> None:
         try:
             hz = asyncio.run(healthz_ms(url, 210))
             out["healthz_ms"] = {"p50": pct(hz, 50), "p99": pct(hz, 99)}
+            if args.server_warmup > 0:  # a fresh server (and store file) to steady state first
+                asyncio.run(run_level(url, GOAL_CLIENTS, args.server_warmup, 0.0, users, items,
+                                      args.events_share, seed=7, workers=workers))
             for c in args.levels:
                 lv = asyncio.run(run_level(url, c, args.duration, args.warmup, users, items,
                                            args.events_share, seed=c, server_pid=proc.pid,
@@ -941,6 +949,7 @@ def main() -> None:
         "headline": next(iter(served)), "variant": servers[0][0], "workers": servers[0][1],
         "servers": served, "ort_threads": args.ort_threads,
         "duration_s": args.duration, "warmup_s": args.warmup, "events_share": args.events_share,
+        "server_warmup_s": args.server_warmup,
         "ranker_cost": cost, "matmul": peak, "candidate_rows": rows_ab,
         "ranker_config": args.ranker_config,
         "ranker_run": str(ranker), "ranker_training": (
