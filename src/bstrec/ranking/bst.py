@@ -12,7 +12,9 @@ Notation: B batch, L history length (``spec.max_len``), D token width, F other-f
    context, crosses such as gender x category), then an MLP 1024-512-256 (LeakyReLU) -> 1 logit.
 
 Serving scores N candidates of one request, whose user, context and history inputs are all the
-same: ``forward_request`` computes what they share once (see there).
+same: ``forward_request`` computes what they share once, and what each candidate contributes
+from its item alone is ``item_parts``, which serving computes once per catalogue item
+(``forward_parts`` takes them; see there).
 
 Token width 64 = item 32 + category 16 + position 16: the item id carries most of what a token
 says (thousands of values), the category (tens) and the time bucket (30) need few dimensions; 64
@@ -159,7 +161,8 @@ class BST(nn.Module):
                             ("w1_item_cols", cols(fields["item"]) + target_cols),
                             ("w1_mixed_cols", cols(fields["mixed"]))):
             self.register_buffer(name, torch.tensor(value, dtype=torch.long), persistent=False)
-        self.mixed_field_ids: tuple[int, ...] = tuple(fields["mixed"])  # plain ints: traced
+        # plain ints, not a buffer: a traced graph unrolls the crosses over them
+        self.mixed_field_ids: tuple[int, ...] = tuple(fields["mixed"])
         # the item inputs forward_parts reads beside the precomputed parts (crosses' item side)
         self.mixed_item_inputs: tuple[str, ...] = tuple(dict.fromkeys(
             n for i in fields["mixed"] for n in self.embed.field_inputs(i) if n in per_item))
@@ -241,8 +244,9 @@ class BST(nn.Module):
     def item_parts(self, items: Batch) -> Tensor:
         """(N,) target-item inputs -> (N, sum(part_sizes)): everything a candidate contributes
         to ``forward_parts`` that depends on the item alone, so that serving computes it once
-        per catalogue item instead of once per request (serving/pipeline.py). Needs
-        ``request_shaped``."""
+        per catalogue item instead of once per request (serving/pipeline.py)."""
+        if not self.request_shaped:
+            raise ValueError("item parts need the target output and one block (request_shaped)")
         emb = self.embed
         item_t = emb.seq_tables["hist_item"](items[emb.seq_targets["hist_item"]])  # (N, item)
         cat_t = emb.seq_tables["hist_cat"](items[emb.seq_targets["hist_cat"]])  # (N, cat)
