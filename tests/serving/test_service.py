@@ -43,6 +43,10 @@ def test_openapi_schema_is_published(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/recommend", "/events", "/items/{item_id}/similar", "/healthz", "/readyz",
             "/metrics", "/admin/reload"} <= set(paths)
+    # the query model of /recommend appears as its plain parameters, with their bounds
+    params = {p["name"]: p for p in paths["/recommend"]["get"]["parameters"]}
+    assert set(params) == {"user_id", "k", "now"} and params["user_id"]["required"]
+    assert params["k"]["schema"]["maximum"] == 50 and params["k"]["schema"]["minimum"] == 1
     assert client.get("/healthz").json() == {"status": "ok", "pid": os.getpid()}
 
 
