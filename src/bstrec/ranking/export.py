@@ -162,10 +162,8 @@ def export_request_parts(model: BST, spec: FeatureSpec, request_path: str | Path
     export_graph(model, _ItemParts(model, items), spec, items_path, names=items,
                  args=tuple(example[n] for n in items), batched=set(items),
                  meta={"bstrec.graph": "item_parts"}, output="parts")
-    was_training = model.training
-    with torch.no_grad():
-        parts = model.eval().item_parts({n: example[n] for n in items})
-    model.train(was_training)
+    # only its shape matters to the trace: the request graph takes any item_parts rows
+    parts = torch.zeros(len(example[items[0]]), sum(model.part_sizes))
     names = (*shared, PARTS, *still)
     args = (*(example[n][:1] for n in shared), parts, *(example[n] for n in still))
     export_graph(model, _RequestParts(model, shared, still), spec, request_path, names=names,
