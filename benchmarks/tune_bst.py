@@ -36,6 +36,10 @@ TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "target_bn_long": ({"output": "target", "mlp_norm": "batch"}, {"max_epochs": 6}),
     "target_small_bn": ({"output": "target", "mlp": [256, 128, 64], "mlp_norm": "batch"}, {}),
     "paper_bn": ({"mlp_norm": "batch"}, {}),
+    "target_bn_drop": ({"output": "target", "mlp_norm": "batch", "mlp_dropout": 0.2}, {}),
+    # torch-rechub's initialisation (every table std 1e-4) with target_bn
+    "target_bn_init": ({"output": "target", "mlp_norm": "batch", "token_init_std": 1e-4,
+                        "embed_init_std": 1e-4}, {}),
     # smaller layers for serving (benchmarks/bench_serving.py): a request's cost is mostly the
     # candidates' feed-forward and MLP
     "serve_bn": ({"output": "target", "mlp": [128, 64, 32], "ffn_mult": 2, "mlp_norm": "batch"}, {}),

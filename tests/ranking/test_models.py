@@ -248,3 +248,15 @@ def test_bst_attention_learns_target_behaviour_matches() -> None:
     model = build_ranker("bst", spec, {"mlp": [64, 32], "token_init_std": 1.0})
     before, after = _train(model, spec, history_task(spec, 1024, seed=2))
     assert after < 0.1, (before, after)
+
+
+def test_bst_init_scales_follow_the_config() -> None:
+    """token_init_std sets the token tables, embed_init_std the other features' table."""
+    spec = make_spec()
+    model = build_ranker("bst", spec, {"mlp": [8], "token_init_std": 0.5, "embed_init_std": 1e-4})
+    assert isinstance(model, BST)
+    other = model.embed.table.weight.detach()[1:]  # row 0: padding, zero
+    assert 0.5e-4 < float(other.std()) < 2e-4
+    for table in (*model.embed.seq_tables.values(), model.pos):
+        assert table is not None
+        assert 0.4 < float(table.weight.detach()[1:].std()) < 0.6

@@ -65,6 +65,9 @@ class BSTConfig:
     # target/behaviour matches sooner on synthetic tasks, but one epoch of ML-1M gave valid AUC
     # 0.722 with 1.0 against 0.737 with 0.05 (the scale every other table starts at).
     token_init_std: float = 0.05
+    # Init scale of the other features' table. torch-rechub starts every table at std 1e-4:
+    # an id seen rarely in training then stays near zero instead of keeping random noise.
+    embed_init_std: float = 0.05
     position: Position = "time"  # time-difference bucket | index in sequence | sin/cos | none
     blocks: int = 1
     heads: int = 8
@@ -118,7 +121,7 @@ class BST(nn.Module):
         crosses: tuple[Cross, ...] = resolve_crosses(spec, c.crosses)
         self.embed = FeatureEmbeddings(
             spec, c.embed_dim, seq_dims={"hist_item": c.item_dim, "hist_cat": c.cat_dim},
-            crosses=crosses, seq_init_std=c.token_init_std)
+            crosses=crosses, init_std=c.embed_init_std, seq_init_std=c.token_init_std)
         # Slot k = steps before the target (target 0): with right-aligned histories column j of
         # the sequence is always slot L - j, whatever the history's length.
         self.register_buffer("slots", torch.arange(L, -1, -1), persistent=False)  # (L+1,)

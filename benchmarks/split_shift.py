@@ -1,0 +1,154 @@
+"""How the valid and test splits of a MovieLens protocol differ, and how each trained ranker fares
+on the parts of a split: an analysis of runs bench_rank.py already trained (it selects nothing).
+
+The protocol splits by global time; MovieLens users rate in bursts. So valid (the 10% of time
+after train) holds many users who are new, and test (the last 10%) mostly users of train who came
+back, often months later. Per split this script measures
+
+- the share of samples whose user is in train, and of history entries older than 1 hour / 30 days;
+- each model's AUC on the samples of users in train and of new users, and by the age of the
+  sample's newest history entry (within 1 hour: the same session; 1 hour to 30 days; older),
+  mean over the seeds bench_rank.py trained,
+
+and writes ``benchmarks/results/split_shift_<protocol>.json`` and its BENCHMARKS.md section.
+
+    python benchmarks/split_shift.py --protocol ml1m-ctr --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rank import DATASETS, ensure_samples
+from bstrec.evaluation.metrics import auc
+from bstrec.training.task import RESULT, evaluate_checkpoint
+from common import machine, now, update_section, write_result
+from peers import build_peer
+
+HOUR, MONTH = 3600, 30 * 86400
+GROUPS = ("user in train", "new user", "newest <= 1 h", "newest 1 h - 30 d", "newest > 30 d")
+MIN_GROUP = 200  # fewer samples than this: no AUC (too noisy to read)
+MODELS = ("wdl", "din", "bst", "bst_target_bn", "torch_rechub_bst", "torch_rechub_din",
+          "torch_rechub_widedeep")
+
+
+def groups(frame: pl.DataFrame, train_users: pl.Series) -> dict[str, np.ndarray]:
+    """GROUPS -> (N,) bool masks. Histories are oldest first: the newest entry is the last; an
+    empty history is in no age group."""
+    seen = frame["user_id"].is_in(train_users.implode()).to_numpy()
+    has = frame["hist_dt"].list.len().to_numpy() > 0
+    age = frame["hist_dt"].list.last().fill_null(0).to_numpy()
+    return {"user in train": seen, "new user": ~seen, "newest <= 1 h": has & (age <= HOUR),
+            "newest 1 h - 30 d": has & (age > HOUR) & (age <= MONTH),
+            "newest > 30 d": has & (age > MONTH)}
+
+
+def split_facts(frame: pl.DataFrame, masks: dict[str, np.ndarray]) -> dict[str, Any]:
+    dt = frame["hist_dt"].explode().drop_nulls().to_numpy()
+    return {
+        "samples": frame.height,
+        "history_older_than_1h": float((dt > HOUR).mean()),
+        "history_older_than_30d": float((dt > MONTH).mean()),
+        "share": {g: float(m.mean()) for g, m in masks.items()},
+    }
+
+
+def group_aucs(labels: np.ndarray, scores: np.ndarray, masks: dict[str, np.ndarray]
+               ) -> dict[str, float | None]:
+    out: dict[str, float | None] = {"all": auc(labels, scores)}
+    for g, m in masks.items():
+        y = labels[m]
+        out[g] = auc(y, scores[m]) if y.size >= MIN_GROUP and 0 < y.sum() < y.size \
+            else None
+    return out
+
+
+def mean_or_none(xs: list[float | None]) -> float | None:
+    known = [x for x in xs if x is not None]
+    return float(np.mean(known)) if len(known) == len(xs) else None
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"## Valid and test splits of {r['protocol']}: what differs, and AUC by group",
+        "",
+        f"`{r['command']}` on {r['date']}, {r['machine']['cores']} cores. An analysis of the runs "
+        "bench_rank.py trained (nothing here selects a model). AUC on the samples of users in "
+        "train, of new users, and by the age of the sample's newest history entry; mean over the "
+        f"seeds listed; '-': fewer than {MIN_GROUP} samples or one label only.",
+        "",
+        "| split | samples | history entries > 1 h | > 30 d | "
+        + " | ".join(f"share {g}" for g in GROUPS) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(GROUPS),
+    ]
+    for split, f in r["splits"].items():
+        lines.append(f"| {split} | {f['samples']:,} | {f['history_older_than_1h']:.0%} | "
+                     f"{f['history_older_than_30d']:.0%} | "
+                     + " | ".join(f"{f['share'][g]:.0%}" for g in GROUPS) + " |")
+    for split in ("valid", "test"):
+        lines += ["", f"{split} AUC:", "",
+                  "| model | seeds | all | " + " | ".join(GROUPS) + " |",
+                  "|---|---|---:|" + "---:|" * len(GROUPS)]
+        for name, m in r["models"].items():
+            a = m[split]
+            lines.append(f"| {name} | {','.join(map(str, m['seeds']))} | {a['all']:.4f} | "
+                         + " | ".join("-" if a[g] is None else f"{a[g]:.4f}" for g in GROUPS)
+                         + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--protocol", default="ml1m-ctr", choices=[p for p in DATASETS
+                                                               if p != "synthetic-order"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--workdir", default="artifacts/bench_rank")
+    ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
+    args = ap.parse_args()
+    root = Path(args.workdir) / args.protocol
+    samples = ensure_samples(args.protocol, root, args.data_dir)
+    frames = {s: pl.read_parquet(samples / "samples" / f"{s}.parquet")
+              for s in ("train", "valid", "test")}
+    train_users = frames["train"]["user_id"].unique()
+    masks = {s: groups(f, train_users) for s, f in frames.items()}
+    res: dict[str, Any] = {
+        "protocol": args.protocol, "date": now(), "machine": machine(),
+        "command": "python benchmarks/split_shift.py " + " ".join(sys.argv[1:]),
+        "groups": list(GROUPS), "min_group": MIN_GROUP,
+        "splits": {s: split_facts(f, masks[s]) for s, f in frames.items()},
+        "models": {},
+    }
+    for name in args.models:
+        runs = sorted(p for p in root.glob(f"runs/{name}-s*") if (p / RESULT).exists())
+        if not runs:
+            print(f"{name}: no finished run in {root / 'runs'}, skipped")
+            continue
+        per_split: dict[str, list[dict[str, float | None]]] = {"valid": [], "test": []}
+        for run in runs:
+            for split in per_split:
+                with warnings.catch_warnings():  # torch's nested-tensor notice on their BST
+                    warnings.simplefilter("ignore", UserWarning)
+                    r = evaluate_checkpoint(run / "best", samples, split, builder=build_peer)
+                per_split[split].append(group_aucs(r["labels"], r["predictions"],
+                                                   masks[split]))
+        res["models"][name] = {
+            "seeds": [int(p.name.rsplit("-s", 1)[1]) for p in runs],
+            **{s: {k: mean_or_none([a[k] for a in aucs]) for k in aucs[0]}
+               for s, aucs in per_split.items()}}
+        print(f"{name}: test AUC {res['models'][name]['test']['all']:.4f}", flush=True)
+    path = write_result(f"split_shift_{args.protocol}", res)
+    update_section(f"split_shift_{args.protocol}", markdown(res))
+    print(f"wrote {path} and its BENCHMARKS.md section")
+
+
+if __name__ == "__main__":
+    main()
