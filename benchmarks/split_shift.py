@@ -7,7 +7,7 @@ back, often months later. Per split this script measures
 
 - the share of samples whose user is in train, and of history entries older than 1 hour / 30 days;
 - each model's AUC on the samples of users in train and of new users, and by the age of the
-  sample's newest history entry (within 1 hour: the same session; 1 hour to 30 days; older),
+  sample's newest history entry (none; within 1 hour: the same session; 1 hour to 30 days; older),
   mean over the seeds bench_rank.py trained,
 
 and writes ``benchmarks/results/split_shift_<protocol>.json`` and its BENCHMARKS.md section.
@@ -29,46 +29,54 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rank import DATASETS, ensure_samples
-from bstrec.evaluation.metrics import auc
-from bstrec.training.task import RESULT, evaluate_checkpoint
+from bstrec.evaluation.metrics import auc, auc_by_bucket
+from bstrec.features.spec import FeatureSpec
+from bstrec.training.checkpoint import load_checkpoint
+from bstrec.training.loop import predict_logits
+from bstrec.training.task import RESULT
+from bstrec.training.tensors import TensorSplit
 from common import machine, now, update_section, write_result
 from peers import build_peer
 
 HOUR, MONTH = 3600, 30 * 86400
-GROUPS = ("user in train", "new user", "newest <= 1 h", "newest 1 h - 30 d", "newest > 30 d")
+# two ways to cut a split into buckets: by user, and by the age of the newest history entry
+BUCKETINGS = {"user": ("user in train", "new user"),
+              "age": ("no history", "newest <= 1 h", "newest 1 h - 30 d", "newest > 30 d")}
+GROUPS = tuple(g for names in BUCKETINGS.values() for g in names)
 MIN_GROUP = 200  # fewer samples than this: no AUC (too noisy to read)
 MODELS = ("wdl", "din", "bst", "bst_target_bn", "torch_rechub_bst", "torch_rechub_din",
           "torch_rechub_widedeep")
 
 
-def groups(frame: pl.DataFrame, train_users: pl.Series) -> dict[str, np.ndarray]:
-    """GROUPS -> (N,) bool masks. Histories are oldest first: the newest entry is the last; an
-    empty history is in no age group."""
+def bucket_ids(frame: pl.DataFrame, train_users: pl.Series) -> dict[str, np.ndarray]:
+    """BUCKETINGS key -> (N,) index into its names. Histories are oldest first: the newest
+    entry is the last."""
     seen = frame["user_id"].is_in(train_users.implode()).to_numpy()
     has = frame["hist_dt"].list.len().to_numpy() > 0
     age = frame["hist_dt"].list.last().fill_null(0).to_numpy()
-    return {"user in train": seen, "new user": ~seen, "newest <= 1 h": has & (age <= HOUR),
-            "newest 1 h - 30 d": has & (age > HOUR) & (age <= MONTH),
-            "newest > 30 d": has & (age > MONTH)}
+    return {"user": np.where(seen, 0, 1),
+            "age": np.where(~has, 0, np.where(age <= HOUR, 1, np.where(age <= MONTH, 2, 3)))}
 
 
-def split_facts(frame: pl.DataFrame, masks: dict[str, np.ndarray]) -> dict[str, Any]:
+def split_facts(frame: pl.DataFrame, ids: dict[str, np.ndarray]) -> dict[str, Any]:
     dt = frame["hist_dt"].explode().drop_nulls().to_numpy()
+    share = {g: float(c) / frame.height for key, names in BUCKETINGS.items()
+             for g, c in zip(names, np.bincount(ids[key], minlength=len(names)), strict=True)}
     return {
         "samples": frame.height,
+        "days": float(np.ptp(frame["timestamp"].to_numpy())) / 86400,
         "history_older_than_1h": float((dt > HOUR).mean()),
         "history_older_than_30d": float((dt > MONTH).mean()),
-        "share": {g: float(m.mean()) for g, m in masks.items()},
+        "share": share,
     }
 
 
-def group_aucs(labels: np.ndarray, scores: np.ndarray, masks: dict[str, np.ndarray]
+def group_aucs(labels: np.ndarray, scores: np.ndarray, ids: dict[str, np.ndarray]
                ) -> dict[str, float | None]:
     out: dict[str, float | None] = {"all": auc(labels, scores)}
-    for g, m in masks.items():
-        y = labels[m]
-        out[g] = auc(y, scores[m]) if y.size >= MIN_GROUP and 0 < y.sum() < y.size \
-            else None
+    for key, names in BUCKETINGS.items():
+        for b in auc_by_bucket(labels, scores, ids[key], list(names)):
+            out[b.name] = b.auc if b.n >= MIN_GROUP and 0 < b.n_pos < b.n else None
     return out
 
 
@@ -86,12 +94,13 @@ def markdown(r: dict[str, Any]) -> str:
         "train, of new users, and by the age of the sample's newest history entry; mean over the "
         f"seeds listed; '-': fewer than {MIN_GROUP} samples or one label only.",
         "",
-        "| split | samples | history entries > 1 h | > 30 d | "
+        "| split | samples | days | history entries > 1 h | > 30 d | "
         + " | ".join(f"share {g}" for g in GROUPS) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(GROUPS),
+        "|---|---:|---:|---:|---:|" + "---:|" * len(GROUPS),
     ]
     for split, f in r["splits"].items():
-        lines.append(f"| {split} | {f['samples']:,} | {f['history_older_than_1h']:.0%} | "
+        lines.append(f"| {split} | {f['samples']:,} | {f['days']:.0f} | "
+                     f"{f['history_older_than_1h']:.0%} | "
                      f"{f['history_older_than_30d']:.0%} | "
                      + " | ".join(f"{f['share'][g]:.0%}" for g in GROUPS) + " |")
     for split in ("valid", "test"):
@@ -119,12 +128,14 @@ def main() -> None:
     frames = {s: pl.read_parquet(samples / "samples" / f"{s}.parquet")
               for s in ("train", "valid", "test")}
     train_users = frames["train"]["user_id"].unique()
-    masks = {s: groups(f, train_users) for s, f in frames.items()}
+    ids = {s: bucket_ids(f, train_users) for s, f in frames.items()}
+    spec = FeatureSpec.load(samples / "feature_spec.json")
+    scored = {s: TensorSplit.from_frame(frames[s], spec) for s in ("valid", "test")}
     res: dict[str, Any] = {
         "protocol": args.protocol, "date": now(), "machine": machine(),
         "command": "python benchmarks/split_shift.py " + " ".join(sys.argv[1:]),
         "groups": list(GROUPS), "min_group": MIN_GROUP,
-        "splits": {s: split_facts(f, masks[s]) for s, f in frames.items()},
+        "splits": {s: split_facts(f, ids[s]) for s, f in frames.items()},
         "models": {},
     }
     for name in args.models:
@@ -132,14 +143,15 @@ def main() -> None:
         if not runs:
             print(f"{name}: no finished run in {root / 'runs'}, skipped")
             continue
-        per_split: dict[str, list[dict[str, float | None]]] = {"valid": [], "test": []}
+        per_split: dict[str, list[dict[str, float | None]]] = {s: [] for s in scored}
         for run in runs:
-            for split in per_split:
-                with warnings.catch_warnings():  # torch's nested-tensor notice on their BST
-                    warnings.simplefilter("ignore", UserWarning)
-                    r = evaluate_checkpoint(run / "best", samples, split, builder=build_peer)
-                per_split[split].append(group_aucs(r["labels"], r["predictions"],
-                                                   masks[split]))
+            with warnings.catch_warnings():  # torch's nested-tensor notice on their BST
+                warnings.simplefilter("ignore", UserWarning)
+                model = load_checkpoint(run / "best", builder=build_peer).model
+            for split, data in scored.items():
+                labels = data.tensors["label"].numpy()
+                per_split[split].append(group_aucs(labels, predict_logits(model, data),
+                                                   ids[split]))
         res["models"][name] = {
             "seeds": [int(p.name.rsplit("-s", 1)[1]) for p in runs],
             **{s: {k: mean_or_none([a[k] for a in aucs]) for k in aucs[0]}
