@@ -5,10 +5,13 @@ The protocol splits by global time; MovieLens users rate in bursts. So valid (th
 after train) holds many users who are new, and test (the last 10%) mostly users of train who came
 back, often months later. Per split this script measures
 
-- the share of samples whose user is in train, and of history entries older than 1 hour / 30 days;
+- the share of samples whose user is in train, of history entries older than 1 hour / 30 days,
+  and of history entries in a time-difference bucket that no train history holds (BST's
+  embedding of such a bucket never received a gradient);
 - each model's AUC on the samples of users in train and of new users, and by the age of the
   sample's newest history entry (none; within 1 hour: the same session; 1 hour to 30 days; older),
-  mean over the seeds bench_rank.py trained,
+  mean over the seeds bench_rank.py trained; for models with time-difference positions also
+  the AUC with every unseen bucket replaced by the oldest bucket train holds,
 
 and writes ``benchmarks/results/split_shift_<protocol>.json`` and its BENCHMARKS.md section.
 
@@ -26,11 +29,13 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rank import DATASETS, ensure_samples
 from bstrec.evaluation.metrics import auc, auc_by_bucket
 from bstrec.features.spec import FeatureSpec
+from bstrec.features.timebuckets import N_TIME_BUCKETS, time_bucket_np
 from bstrec.training.checkpoint import load_checkpoint
 from bstrec.training.loop import predict_logits
 from bstrec.training.task import RESULT
@@ -43,6 +48,7 @@ HOUR, MONTH = 3600, 30 * 86400
 BUCKETINGS = {"user": ("user in train", "new user"),
               "age": ("no history", "newest <= 1 h", "newest 1 h - 30 d", "newest > 30 d")}
 GROUPS = tuple(g for names in BUCKETINGS.values() for g in names)
+COLUMNS = (*GROUPS, "all, unseen buckets remapped")
 MIN_GROUP = 200  # fewer samples than this: no AUC (too noisy to read)
 MODELS = ("wdl", "din", "bst", "bst_target_bn", "torch_rechub_bst", "torch_rechub_din",
           "torch_rechub_widedeep")
@@ -58,8 +64,20 @@ def bucket_ids(frame: pl.DataFrame, train_users: pl.Series) -> dict[str, np.ndar
             "age": np.where(~has, 0, np.where(age <= HOUR, 1, np.where(age <= MONTH, 2, 3)))}
 
 
-def split_facts(frame: pl.DataFrame, ids: dict[str, np.ndarray]) -> dict[str, Any]:
+def trained_buckets(train: pl.DataFrame) -> np.ndarray:
+    """bucket -> the oldest bucket at or below it that a train history entry falls in (padding
+    0 and the target's 1 map to themselves)."""
+    held = np.bincount(time_bucket_np(train["hist_dt"].explode().drop_nulls().to_numpy()),
+                       minlength=N_TIME_BUCKETS) > 0
+    held[:2] = True
+    out: np.ndarray = np.maximum.accumulate(np.where(held, np.arange(len(held)), 0))
+    return out
+
+
+def split_facts(frame: pl.DataFrame, ids: dict[str, np.ndarray], buckets: np.ndarray
+                ) -> dict[str, Any]:
     dt = frame["hist_dt"].explode().drop_nulls().to_numpy()
+    b = time_bucket_np(dt)
     share = {g: float(c) / frame.height for key, names in BUCKETINGS.items()
              for g, c in zip(names, np.bincount(ids[key], minlength=len(names)), strict=True)}
     return {
@@ -67,6 +85,7 @@ def split_facts(frame: pl.DataFrame, ids: dict[str, np.ndarray]) -> dict[str, An
         "days": float(np.ptp(frame["timestamp"].to_numpy())) / 86400,
         "history_older_than_1h": float((dt > HOUR).mean()),
         "history_older_than_30d": float((dt > MONTH).mean()),
+        "history_unseen_bucket": float((buckets[b] != b).mean()),
         "share": share,
     }
 
@@ -92,25 +111,30 @@ def markdown(r: dict[str, Any]) -> str:
         f"`{r['command']}` on {r['date']}, {r['machine']['cores']} cores. An analysis of the runs "
         "bench_rank.py trained (nothing here selects a model). AUC on the samples of users in "
         "train, of new users, and by the age of the sample's newest history entry; mean over the "
-        f"seeds listed; '-': fewer than {MIN_GROUP} samples or one label only.",
+        f"seeds listed; '-': fewer than {MIN_GROUP} samples or one label only. 'Unseen "
+        "buckets': history entries whose time-difference bucket no train history holds, so that "
+        "BST's embedding of it never had a gradient; the last column scores the models with "
+        "time-difference positions with each such bucket replaced by the oldest one train holds "
+        "('-': the model has no such positions).",
         "",
-        "| split | samples | days | history entries > 1 h | > 30 d | "
+        "| split | samples | days | history entries > 1 h | > 30 d | in unseen buckets | "
         + " | ".join(f"share {g}" for g in GROUPS) + " |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(GROUPS),
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(GROUPS),
     ]
     for split, f in r["splits"].items():
         lines.append(f"| {split} | {f['samples']:,} | {f['days']:.0f} | "
                      f"{f['history_older_than_1h']:.0%} | "
                      f"{f['history_older_than_30d']:.0%} | "
+                     f"{f['history_unseen_bucket']:.0%} | "
                      + " | ".join(f"{f['share'][g]:.0%}" for g in GROUPS) + " |")
     for split in ("valid", "test"):
         lines += ["", f"{split} AUC:", "",
-                  "| model | seeds | all | " + " | ".join(GROUPS) + " |",
-                  "|---|---|---:|" + "---:|" * len(GROUPS)]
+                  "| model | seeds | all | " + " | ".join(COLUMNS) + " |",
+                  "|---|---|---:|" + "---:|" * len(COLUMNS)]
         for name, m in r["models"].items():
             a = m[split]
             lines.append(f"| {name} | {','.join(map(str, m['seeds']))} | {a['all']:.4f} | "
-                         + " | ".join("-" if a[g] is None else f"{a[g]:.4f}" for g in GROUPS)
+                         + " | ".join("-" if a[g] is None else f"{a[g]:.4f}" for g in COLUMNS)
                          + " |")
     return "\n".join(lines)
 
@@ -131,11 +155,14 @@ def main() -> None:
     ids = {s: bucket_ids(f, train_users) for s, f in frames.items()}
     spec = FeatureSpec.load(samples / "feature_spec.json")
     scored = {s: TensorSplit.from_frame(frames[s], spec) for s in ("valid", "test")}
+    buckets = trained_buckets(frames["train"])
+    remapped = {s: TensorSplit(d.tensors | {"hist_pos": torch.from_numpy(
+        buckets[d.tensors["hist_pos"].numpy()])}) for s, d in scored.items()}
     res: dict[str, Any] = {
         "protocol": args.protocol, "date": now(), "machine": machine(),
         "command": "python benchmarks/split_shift.py " + " ".join(sys.argv[1:]),
         "groups": list(GROUPS), "min_group": MIN_GROUP,
-        "splits": {s: split_facts(f, ids[s]) for s, f in frames.items()},
+        "splits": {s: split_facts(f, ids[s], buckets) for s, f in frames.items()},
         "models": {},
     }
     for name in args.models:
@@ -148,10 +175,13 @@ def main() -> None:
             with warnings.catch_warnings():  # torch's nested-tensor notice on their BST
                 warnings.simplefilter("ignore", UserWarning)
                 model = load_checkpoint(run / "best", builder=build_peer).model
+            timed = getattr(getattr(model, "config", None), "position", None) == "time"
             for split, data in scored.items():
                 labels = data.tensors["label"].numpy()
-                per_split[split].append(group_aucs(labels, predict_logits(model, data),
-                                                   ids[split]))
+                aucs = group_aucs(labels, predict_logits(model, data), ids[split])
+                aucs["all, unseen buckets remapped"] = (
+                    auc(labels, predict_logits(model, remapped[split])) if timed else None)
+                per_split[split].append(aucs)
         res["models"][name] = {
             "seeds": [int(p.name.rsplit("-s", 1)[1]) for p in runs],
             **{s: {k: mean_or_none([a[k] for a in aucs]) for k in aucs[0]}
