@@ -36,6 +36,7 @@ from bench_rank import DATASETS, ensure_samples
 from bstrec.evaluation.metrics import auc, auc_by_bucket
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.timebuckets import N_TIME_BUCKETS, time_bucket_np
+from bstrec.ranking.bst import BST
 from bstrec.training.checkpoint import load_checkpoint
 from bstrec.training.loop import predict_logits
 from bstrec.training.task import RESULT
@@ -175,7 +176,7 @@ def main() -> None:
             with warnings.catch_warnings():  # torch's nested-tensor notice on their BST
                 warnings.simplefilter("ignore", UserWarning)
                 model = load_checkpoint(run / "best", builder=build_peer).model
-            timed = getattr(getattr(model, "config", None), "position", None) == "time"
+            timed = isinstance(model, BST) and model.config.position == "time"
             for split, data in scored.items():
                 labels = data.tensors["label"].numpy()
                 aucs = group_aucs(labels, predict_logits(model, data), ids[split])
