@@ -40,6 +40,15 @@ TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # torch-rechub's initialisation (every table std 1e-4) with target_bn
     "target_bn_init": ({"output": "target", "mlp_norm": "batch", "token_init_std": 1e-4,
                         "embed_init_std": 1e-4}, {}),
+    # regularisers against leaning on the sequence or on rarely seen ids
+    "target_bn_hdrop": ({"output": "target", "mlp_norm": "batch", "history_dropout": 0.2}, {}),
+    "target_bn_wd": ({"output": "target", "mlp_norm": "batch"}, {"weight_decay": 1e-5}),
+    # torch-rechub's widths: every table 16 wide (token 48)
+    "target_bn_d16": ({"output": "target", "mlp_norm": "batch", "item_dim": 16}, {}),
+    "target_bn_lr2": ({"output": "target", "mlp_norm": "batch"}, {"lr": 2e-3}),
+    # per-parameter step sizes that stay large for rarely seen ids
+    "target_bn_adagrad": ({"output": "target", "mlp_norm": "batch"},
+                          {"optimizer": "adagrad", "lr": 1e-2}),
     # smaller layers for serving (benchmarks/bench_serving.py): a request's cost is mostly the
     # candidates' feed-forward and MLP
     "serve_bn": ({"output": "target", "mlp": [128, 64, 32], "ffn_mult": 2, "mlp_norm": "batch"}, {}),

@@ -260,3 +260,21 @@ def test_bst_init_scales_follow_the_config() -> None:
     for table in (*model.embed.seq_tables.values(), model.pos):
         assert table is not None
         assert 0.4 < float(table.weight.detach()[1:].std()) < 0.6
+
+
+def test_bst_history_dropout_drops_behaviours_in_training_only() -> None:
+    """Each behaviour left out with probability history_dropout while training, as if it were
+    padding; evaluation sees the whole history."""
+    spec = make_spec()
+    over = {"mlp": [16], "dropout": 0.0, "history_dropout": 1 - 1e-9}
+    model = build_ranker("bst", spec, over)
+    plain = build_ranker("bst", spec, {**over, "history_dropout": 0.0})
+    plain.load_state_dict(model.state_dict())
+    b = make_batch(spec, 8, min_len=2)
+    empty = {**b, "hist_mask": torch.zeros_like(b["hist_mask"])}
+    torch.manual_seed(0)
+    assert torch.allclose(model.train()(b), plain.train()(empty), atol=1e-6)
+    assert not torch.allclose(plain(b), plain(empty), atol=1e-3)
+    assert torch.equal(model.eval()(b), plain.eval()(b))
+    with pytest.raises(ConfigError):
+        build_ranker("bst", spec, {"history_dropout": 1.0})

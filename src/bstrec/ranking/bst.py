@@ -78,6 +78,10 @@ class BSTConfig:
     mlp: tuple[int, ...] = (1024, 512, 256)
     mlp_act: Activation = "leaky_relu"
     mlp_dropout: float = 0.0
+    # Training only: each behaviour is left out of the sequence (as if padding) with this
+    # probability, so that the model does not lean on any one entry of the history. On ML-1M
+    # valid 0.2 gave 0.7458 against 0.7463 without (tune_bst.py, target_bn_hdrop vs target_bn).
+    history_dropout: float = 0.0
     # the paper's MLP has no normalisation; "batch" is what torch-rechub's MLPs do
     mlp_norm: Norm = "none"
     crosses: tuple[tuple[str, str], ...] | None = None  # None: gender x category if in the spec
@@ -98,7 +102,8 @@ class BSTConfig:
             raise ValueError(f"token width {self.token_dim} is not divisible by {self.heads} heads")
         if self.position == "sinusoidal" and self.pos_dim % 2:
             raise ValueError("sinusoidal positions need an even pos_dim")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.mlp_dropout < 1.0:
+        if not all(0.0 <= p < 1.0 for p in (self.dropout, self.mlp_dropout,
+                                            self.history_dropout)):
             raise ValueError("dropout must be in [0, 1)")
 
 
@@ -196,6 +201,9 @@ class BST(nn.Module):
         item, cat = e.seq["hist_item"], e.seq["hist_cat"]  # (B, L+1, item_dim), (..., cat_dim)
         B = item.shape[0]
         mask = batch["hist_mask"]  # (B, L)
+        if self.training and self.config.history_dropout > 0:
+            mask = mask & (torch.rand(mask.shape, device=mask.device)
+                           >= self.config.history_dropout)
         keep = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, L+1): the target is always there
         parts = [item, cat]
         pos = self._positions(batch["hist_pos"])
