@@ -43,7 +43,7 @@ TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # regularisers against leaning on the sequence or on rarely seen ids
     "target_bn_hdrop": ({"output": "target", "mlp_norm": "batch", "history_dropout": 0.2}, {}),
     "target_bn_wd": ({"output": "target", "mlp_norm": "batch"}, {"weight_decay": 1e-5}),
-    # torch-rechub's widths: every table 16 wide (token 48)
+    # every table 16 wide, the item's too (token 48), as torch-rechub's WideDeep has in peers.py
     "target_bn_d16": ({"output": "target", "mlp_norm": "batch", "item_dim": 16}, {}),
     "target_bn_lr2": ({"output": "target", "mlp_norm": "batch"}, {"lr": 2e-3}),
     # per-parameter step sizes that stay large for rarely seen ids

@@ -276,5 +276,5 @@ def test_bst_history_dropout_drops_behaviours_in_training_only() -> None:
     assert torch.allclose(model.train()(b), plain.train()(empty), atol=1e-6)
     assert not torch.allclose(plain(b), plain(empty), atol=1e-3)
     assert torch.equal(model.eval()(b), plain.eval()(b))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="history_dropout"):
         build_ranker("bst", spec, {"history_dropout": 1.0})

@@ -102,9 +102,9 @@ class BSTConfig:
             raise ValueError(f"token width {self.token_dim} is not divisible by {self.heads} heads")
         if self.position == "sinusoidal" and self.pos_dim % 2:
             raise ValueError("sinusoidal positions need an even pos_dim")
-        if not all(0.0 <= p < 1.0 for p in (self.dropout, self.mlp_dropout,
-                                            self.history_dropout)):
-            raise ValueError("dropout must be in [0, 1)")
+        for name in ("dropout", "mlp_dropout", "history_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 class BST(nn.Module):
