@@ -55,10 +55,10 @@ TUNED: dict[str, tuple[str, dict[str, Any]]] = {
     "bst_target_bn": ("bst", {"output": "target", "mlp_norm": "batch"}),
 }
 # paired bootstraps beyond BST - DIN: the tuned BST against DIN and each peer, the paper's BST
-# against the peers' BST
+# against the peers' BST and against each of its Table 4 ablations
 ALSO_COMPARE = (("bst_target_bn", "din"), ("bst_target_bn", "torch_rechub_bst"),
                 ("bst_target_bn", "torch_rechub_din"), ("bst_target_bn", "torch_rechub_widedeep"),
-                ("bst", "torch_rechub_bst"))
+                ("bst", "torch_rechub_bst"), *(("bst", name) for name in ABLATIONS))
 
 
 def ranker_of(name: str) -> tuple[str, dict[str, Any]]:
