@@ -114,9 +114,17 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+def http_client(url: str) -> httpx.Client:
+    """A client of the test servers. It drops a pooled connection after 1 s idle: uvicorn closes
+    one after 5 s (``timeout_keep_alive``), httpx's default keeps it 5 s too, and a request sent
+    on a connection the server is closing at that moment fails with "Server disconnected without
+    sending a response" (seen with a module-scoped client on a loaded machine)."""
+    return httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(keepalive_expiry=1.0))
+
+
 @contextmanager
 def running(settings: Settings) -> Iterator[tuple[str, httpx.Client]]:
     """A real uvicorn server on a free loopback port serving ``settings``, and a client."""
     app = create_app(settings)
-    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with BackgroundServer(app) as server, http_client(server.url) as client:
         yield server.url, client

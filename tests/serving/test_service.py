@@ -18,7 +18,7 @@ import pytest
 
 from bstrec.serving.app import Service, settle_heap
 from bstrec.serving.settings import Settings
-from tests.serving.conftest import Artifacts, RedisServer, running
+from tests.serving.conftest import Artifacts, RedisServer, http_client, running
 
 KEY = "test-key"
 AUTH = {"X-API-Key": KEY}
@@ -73,7 +73,7 @@ def test_requests_on_the_event_loop_or_threads_answer_the_same(artifacts: Artifa
             bodies.append(c.get("/recommend", params=params).json())
 
             def call(_: int, url: str = url) -> int:
-                with httpx.Client(base_url=url, timeout=30) as own:
+                with http_client(url) as own:
                     return own.get("/recommend", params={"user_id": 5}).status_code
 
             with ThreadPoolExecutor(6) as pool:
@@ -164,7 +164,7 @@ def test_hot_reload_under_traffic_fails_no_request(artifacts: Artifacts, tmp_pat
     stop = threading.Event()
 
     def traffic(url: str, user: int) -> None:
-        with httpx.Client(base_url=url, timeout=30) as c:
+        with http_client(url) as c:
             while not stop.is_set():
                 r = c.get("/recommend", params={"user_id": user, "k": 5})
                 statuses.append(r.status_code)
