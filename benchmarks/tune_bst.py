@@ -49,6 +49,9 @@ TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # per-parameter step sizes that stay large for rarely seen ids
     "target_bn_adagrad": ({"output": "target", "mlp_norm": "batch"},
                           {"optimizer": "adagrad", "lr": 1e-2}),
+    # two blocks: the paper's BST ablation bst_b2 is above b = 1 on valid for each of 3 seeds on
+    # both MovieLens protocols (bench_rank.py); on test the two do not separate
+    "target_bn_b2": ({"output": "target", "mlp_norm": "batch", "blocks": 2}, {}),
     # smaller layers for serving (benchmarks/bench_serving.py): a request's cost is mostly the
     # candidates' feed-forward and MLP
     "serve_bn": ({"output": "target", "mlp": [128, 64, 32], "ffn_mult": 2, "mlp_norm": "batch"}, {}),
