@@ -42,8 +42,11 @@ MODELS = ("wdl", "din", "bst", "bst_target_bn", *PEERS)
 
 
 def refit_samples(samples: Path, out: Path) -> Path:
-    """``samples`` with train = train + valid (rows as encoded, vocabularies untouched)."""
-    if (out / "manifest.json").exists():
+    """``samples`` with train = train + valid (rows as encoded, vocabularies untouched); a copy
+    from samples built with another config is rebuilt."""
+    copy = out / "manifest.json"
+    source = json.loads((samples / "manifest.json").read_text())
+    if copy.exists() and json.loads(copy.read_text()).get("config_hash") == source["config_hash"]:
         return out
     data = SampleSet.load(samples)
     splits = {"train": pl.concat([data.splits["train"], data.splits["valid"]]),
@@ -69,7 +72,7 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
     if skipped:
         print(f"  not in {first_path} or torch-rechub not installed: skipping {skipped}")
     runs: dict[str, list[Path]] = {}
-    epochs: dict[str, list[int]] = {}
+    trained: dict[str, list[tuple[int, int]]] = {}  # name -> (seed, epochs) of each run
     out_of_time = []
     for name in names:
         row = first["models"][name]
@@ -83,22 +86,26 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
                 continue
             cfg = {"batch_size": tc["batch_size"], "lr": tc["lr"], "max_epochs": chosen[seed],
                    "patience": 0}
-            train_cell(name, seed, samples, run_dir, cfg)
+            done = train_cell(name, seed, samples, run_dir, cfg)
+            if done["train_config"]["max_epochs"] != chosen[seed]:
+                raise SystemExit(f"{run_dir} holds {done['train_config']['max_epochs']} epochs, "
+                                 f"but {first_path} now chooses {chosen[seed]}: remove it to "
+                                 "refit again")
             runs.setdefault(name, []).append(run_dir / LAST)
-            epochs.setdefault(name, []).append(chosen[seed])
+            trained.setdefault(name, []).append((seed, chosen[seed]))
     # scored on the protocol's own samples, so that the references are the protocol's
     report = evaluate_runs(root / "samples", runs, root / "refit_report",
                            also_compare=ALSO_COMPARE, builder=build_peer)
     summary = json.loads((report.parent / "metrics.json").read_text())
     models: dict[str, Any] = {}
     for name, row in summary["models"].items():
-        seeds = [int(p.parent.name.rsplit("-s", 1)[1]) for p in runs[name]]
+        seeds = [s for s, _ in trained[name]]
         before = dict(zip(first["models"][name]["seeds"], first["models"][name]["test_auc"],
                           strict=True))
         models[name] = {
             "test_auc": row["auc"]["values"], "test_gauc": row["gauc"]["values"],
             "test_logloss": row["logloss"]["values"], "auc": row["auc"], "gauc": row["gauc"],
-            "logloss": row["logloss"], "epochs": epochs[name], "seeds": seeds,
+            "logloss": row["logloss"], "epochs": [e for _, e in trained[name]], "seeds": seeds,
             "train_only_test_auc": [before[s] for s in seeds],
         }
     res = {
