@@ -37,7 +37,7 @@ from bstrec.evaluation.evaluate import evaluate_runs
 from bstrec.training.loop import seed_model_init
 from bstrec.training.task import RESULT, train_ranker
 from bstrec.training.tensors import TensorSplit
-from common import RESULTS, machine, median, now, update_section, write_result
+from common import machine, median, now, rewrite_sections, update_section, write_result
 from peers import PEERS, build_peer, peers_available
 
 DATASETS = {"synthetic-order": "synthetic-order", "ml100k-ctr": "ml-100k", "ml1m-ctr": "ml-1m"}
@@ -349,17 +349,7 @@ def main() -> None:
     args = ap.parse_args()
     args.seeds_for = parse_seeds_for(args.seeds_for)
     if args.markdown_only:
-        for protocol in args.protocol or list(DATASETS):
-            path = RESULTS / f"rank_{protocol}.json"
-            if not path.exists():
-                continue
-            try:
-                section = markdown(json.loads(path.read_text()))
-            except KeyError as exc:
-                print(f"{protocol}: {path} lacks {exc} (an older layout): rerun the benchmark")
-                continue
-            update_section(f"rank_{protocol}", section)
-            print(f"{protocol}: rewrote its BENCHMARKS.md section from {path}")
+        rewrite_sections("rank", args.protocol or list(DATASETS), markdown)
         return
     unknown = [n for n in [*args.models, *args.seeds_for]
                if n not in (*MAIN, *TUNED, *ABLATIONS, *PEERS)]

@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import statistics
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,20 @@ def update_section(key: str, markdown: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
         text.rstrip() + "\n\n" + block + "\n")
     BENCHMARKS_MD.write_text(text)
+
+
+def rewrite_sections(prefix: str, protocols: list[str],
+                     markdown: Callable[[dict[str, Any]], str]) -> None:
+    """``--markdown-only`` of the per-protocol benchmarks: rewrite the section ``<prefix>_<p>``
+    of each protocol from its results file, running nothing."""
+    for protocol in protocols:
+        path = RESULTS / f"{prefix}_{protocol}.json"
+        if not path.exists():
+            continue
+        try:
+            section = markdown(json.loads(path.read_text()))
+        except KeyError as exc:
+            print(f"{protocol}: {path} lacks {exc} (an older layout): rerun the benchmark")
+            continue
+        update_section(f"{prefix}_{protocol}", section)
+        print(f"{protocol}: rewrote its BENCHMARKS.md section from {path}")

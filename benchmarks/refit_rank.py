@@ -35,7 +35,7 @@ from bench_rank import ALSO_COMPARE, DATASETS, fmt, parse_seeds_for, peer_lines,
 from bstrec.data.samples import SampleSet
 from bstrec.evaluation.evaluate import evaluate_runs
 from bstrec.training.loop import LAST
-from common import RESULTS, machine, now, update_section, write_result
+from common import RESULTS, machine, now, rewrite_sections, update_section, write_result
 from peers import PEERS, build_peer, peers_available
 
 MODELS = ("wdl", "din", "bst", "bst_target_bn", *PEERS)
@@ -115,8 +115,7 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
         "train_config": {"batch_size": tc["batch_size"], "lr": tc["lr"], "patience": 0},
         "models": models, "bootstraps": summary["bootstraps"],
         "report": str(report), "not_run_out_of_time": out_of_time,
-        "not_refit": [n for n in MODELS if n in first["models"] and n not in models
-                      and not any(x.startswith(f"{n} seed") for x in out_of_time)],
+        "not_refit": [n for n in MODELS if n in first["models"] and n not in names],
     }
     path = write_result(f"refit_{protocol}", res)
     update_section(f"refit_{protocol}", markdown(res))
@@ -153,7 +152,8 @@ def markdown(res: dict[str, Any]) -> str:
     if res["not_run_out_of_time"]:
         lines += ["", "Not run (time budget): " + ", ".join(res["not_run_out_of_time"]) + "."]
     if res.get("not_refit"):
-        lines += ["", "Trained by bench_rank.py but not refit (left out of `--models`): "
+        lines += ["", "Trained by bench_rank.py but not refit (left out of `--models`, or "
+                  "torch-rechub not installed): "
                   + ", ".join(res["not_refit"]) + "."]
     return "\n".join(lines)
 
@@ -178,11 +178,7 @@ def main() -> None:
     args = ap.parse_args()
     protocols = args.protocol or ["ml100k-ctr", "ml1m-ctr"]
     if args.markdown_only:
-        for protocol in protocols:
-            path = RESULTS / f"refit_{protocol}.json"
-            if path.exists():
-                update_section(f"refit_{protocol}", markdown(json.loads(path.read_text())))
-                print(f"{protocol}: rewrote its BENCHMARKS.md section from {path}")
+        rewrite_sections("refit", protocols, markdown)
         return
     args.seeds_for = parse_seeds_for(args.seeds_for)
     unknown = [n for n in [*args.models, *args.seeds_for] if n not in MODELS]
