@@ -16,7 +16,8 @@ pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo
 
 CASES = [("bst", {}), ("din", {}), ("wdl", {}), ("wdl_seq", {}),
          ("bst", BST_ABLATIONS[2]), ("bst", {"output": "target", "blocks": 2}),
-         ("bst", {"output": "target", "mlp_norm": "batch"})]
+         ("bst", {"output": "target", "mlp_norm": "batch"}),
+         ("bst", {"output": "target", "mlp_norm": "batch", "wide": True})]
 
 
 @pytest.mark.parametrize(("name", "overrides"), CASES, ids=lambda c: str(c))

@@ -105,7 +105,8 @@ def perturb_padding(b: Batch, seed: int = 1) -> Batch:
 NAMES = ("bst", "din", "wdl", "wdl_seq")
 BST_ABLATIONS = [{"position": p} for p in ("time", "slot", "sinusoidal", "none")] + [
     {"blocks": 2}, {"blocks": 3}, {"output": "target"}, {"output": "concat", "blocks": 2},
-    {"output": "target", "mlp_norm": "batch"}, {"mlp_norm": "layer"}]
+    {"output": "target", "mlp_norm": "batch"}, {"mlp_norm": "layer"},
+    {"output": "target", "mlp_norm": "batch", "wide": True}]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -30,6 +30,7 @@ CASES = [("bst", TARGET), ("bst", {**TARGET, "position": "slot"}),
          ("bst", {**TARGET, "position": "sinusoidal"}), ("bst", {**TARGET, "position": "none"}),
          ("bst", {**TARGET, "crosses": [["user_gender", "category"], ["user", "hour"]]}),
          ("bst", {**TARGET, "mlp": []}), ("bst", {**TARGET, "mlp_norm": "batch"}),
+         ("bst", {**TARGET, "wide": True}),
          ("bst", {}), ("bst", {**TARGET, "blocks": 2}),
          ("din", {}), ("wdl", {}), ("wdl_seq", {})]
 
