@@ -77,22 +77,6 @@ def run_trial(name: str, samples: Path, run_dir: Path, base: dict[str, Any]) -> 
             "valid_auc_by_epoch": [round(h["valid_auc"], 5) for h in history]}
 
 
-def earlier_trials(path: Path) -> dict[str, Any]:
-    """The trials of earlier invocations, each ``{"model", "train", "n_parameters", "seeds":
-    {seed: run summary and date}}``; files written before ``--seeds`` held one seed per trial."""
-    if not path.exists():
-        return {}
-    earlier = json.loads(path.read_text())
-    trials: dict[str, Any] = {}
-    for name, t in earlier["trials"].items():
-        if "seeds" not in t:
-            run = {k: t[k] for k in ("best_valid_auc", "best_epoch", "valid_auc_by_epoch")}
-            t = {"model": t["model"], "train": t["train"], "n_parameters": t["n_parameters"],
-                 "seeds": {str(earlier["seed"]): {**run, "date": t.get("date", earlier["date"])}}}
-        trials[name] = t
-    return trials
-
-
 def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"## BST tuning on {r['protocol']} (valid split only)",
@@ -140,7 +124,9 @@ def main() -> None:
     samples = ensure_samples(args.protocol, root, args.data_dir)
     base = {"max_epochs": args.max_epochs, "patience": 1, "batch_size": 256, "lr": 1e-3}
     path = Path(__file__).resolve().parent / "results" / f"tune_bst_{args.protocol}.json"
-    done = earlier_trials(path)
+    # trials of earlier invocations: {name: {"model", "train", "n_parameters", "seeds": {seed:
+    # run summary and the date it was trained}}}
+    done: dict[str, Any] = json.loads(path.read_text())["trials"] if path.exists() else {}
     started = time.perf_counter()
     for name in args.trials:
         model, train = TRIALS[name]
