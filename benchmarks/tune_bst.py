@@ -2,8 +2,8 @@
 
 Every trial trains BST on the train split of one protocol with each of the given seeds and keeps
 the best valid AUC over its epochs (early stopping as in bench_rank.py); trials run on the same
-seeds are ranked by the mean over them. The test split is never read here, so that bench_rank.py can test the
-chosen setting once. Trials are named model/train config overrides; a finished (trial, seed)
+seeds are ranked by the mean over them. The test split is never read here, so that
+bench_rank.py can test the chosen setting once. Trials are named model/train config overrides; a finished (trial, seed)
 run folder is reused, so the script can be stopped and started again, and new trials or seeds
 added. On ML-1M the seeds of one setting spread over about 0.003 of valid AUC (target_bn:
 0.7463, 0.7441, 0.7429), as much as most trials differ by, so one seed does not rank them.
@@ -87,8 +87,8 @@ def markdown(r: dict[str, Any]) -> str:
         "test AUC is measured once, by bench_rank.py, for the chosen setting. Trials with more "
         "seeds come first, then by the mean of their seeds' best valid AUC; means compare only "
         "over the same seeds, and the seeds of one setting spread over about as much as most "
-        "trials differ by. Trials and seeds run by earlier invocations of the script are kept (the last "
-        "column says when each was trained).",
+        "trials differ by. Trials and seeds run by earlier invocations of the script are kept "
+        "(the last column says when each was trained).",
         "",
         "| trial | overrides | parameters | valid AUC by epoch (first seed) | best valid AUC by "
         "seed | mean | trained |",
