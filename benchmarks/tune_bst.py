@@ -5,8 +5,9 @@ the best valid AUC over its epochs (early stopping as in bench_rank.py); trials 
 seeds are ranked by the mean over them. The test split is never read here, so that
 bench_rank.py can test the chosen setting once. Trials are named model/train config
 overrides; a finished (trial, seed) run folder is reused, so the script can be stopped and
-started again, and new trials or seeds added. On ML-1M the seeds of one setting spread over about 0.003 of valid AUC (target_bn:
-0.7463, 0.7441, 0.7429), as much as most trials differ by, so one seed does not rank them.
+started again, and new trials or seeds added. On ML-1M the seeds of one setting spread over
+about 0.003 of valid AUC (target_bn: 0.7463, 0.7441, 0.7429), as much as most trials differ
+by, so one seed does not rank them.
 
     python benchmarks/tune_bst.py --protocol ml1m-ctr --trials paper target target_small
     python benchmarks/tune_bst.py --protocol ml1m-ctr --trials target_bn target_bn_wide --seeds 0 1 2
