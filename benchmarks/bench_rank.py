@@ -160,11 +160,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| reference: {name} | - | {fmt(row['auc'])} | {fmt(row['gauc'])} | "
                      f"{fmt(row['logloss'])} | | |")
     boots = res.get("bootstraps") or ([res["bootstrap"]] if res.get("bootstrap") else [])
-    if boots:
-        lines += ["", "Paired bootstrap (1,000 resamples of test users; with several seeds each "
-                  "side is the mean of its seeds) of the AUC difference, 95% interval:", ""]
-        lines += [f"- AUC({b['a']}) - AUC({b['b']}): {b['diff']:+.4f} "
-                  f"[{b['lo']:+.4f}, {b['hi']:+.4f}]" for b in boots]
+    lines += bootstrap_lines(boots)
     ratios = {k.removeprefix("throughput_ratio_").removesuffix("_vs_torch_rechub_bst"): v
               for k, v in res.items() if k.startswith("throughput_ratio_")}
     if ratios:
@@ -174,6 +170,16 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("notes"):
         lines += ["", *res["notes"]]
     return "\n".join(lines)
+
+
+def bootstrap_lines(boots: list[dict[str, Any]], of: str = "") -> list[str]:
+    """The paired bootstrap intervals of ``evaluate_runs``, a heading and a line each."""
+    if not boots:
+        return []
+    return ["", f"Paired bootstrap{of} (1,000 resamples of test users; with several seeds each "
+            "side is the mean of its seeds) of the AUC difference, 95% interval:", "",
+            *(f"- AUC({b['a']}) - AUC({b['b']}): {b['diff']:+.4f} "
+              f"[{b['lo']:+.4f}, {b['hi']:+.4f}]" for b in boots)]
 
 
 def peer_lines(models: dict[str, Any]) -> list[str]:

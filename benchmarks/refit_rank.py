@@ -31,7 +31,15 @@ from typing import Any
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rank import ALSO_COMPARE, DATASETS, fmt, parse_seeds_for, peer_lines, train_cell
+from bench_rank import (
+    ALSO_COMPARE,
+    DATASETS,
+    bootstrap_lines,
+    fmt,
+    parse_seeds_for,
+    peer_lines,
+    train_cell,
+)
 from bstrec.data.samples import SampleSet
 from bstrec.evaluation.evaluate import evaluate_runs
 from bstrec.training.loop import LAST
@@ -143,11 +151,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | {len(row['seeds'])} | {', '.join(map(str, row['epochs']))} | "
                      f"{was:.4f} | {fmt(row['auc'])} | {row['auc']['mean'] - was:+.4f} | "
                      f"{fmt(row['gauc'])} |")
-    if res["bootstraps"]:
-        lines += ["", "Paired bootstrap of the refit models (1,000 resamples of test users; each "
-                  "side the mean of its seeds), AUC difference, 95% interval:", ""]
-        lines += [f"- AUC({b['a']}) - AUC({b['b']}): {b['diff']:+.4f} "
-                  f"[{b['lo']:+.4f}, {b['hi']:+.4f}]" for b in res["bootstraps"]]
+    lines += bootstrap_lines(res["bootstraps"], " of the refit models")
     lines += peer_lines(res["models"])
     if res["not_run_out_of_time"]:
         lines += ["", "Not run (time budget): " + ", ".join(res["not_run_out_of_time"]) + "."]
