@@ -9,12 +9,12 @@ Mapping of our batch contract (training/tensors.py) onto their feature objects:
   0-padded) -> SequenceFeatures sharing the target's tables, padding index 0.
 Widths match ours: history tokens 64 wide (item 32 + category 32; their BST adds a slot-index
 position embedding instead of concatenating a time-difference one), other fields 16, MLP
-1024-512-256 (their MLP adds BatchNorm; their defaults otherwise). Their defaults include the
-initialisations: their feature tables start at std 1e-4, their BST's position table at nn.Embedding's
-std 1, so its tokens start as little more than their positions; on synthetic-order their BST stays
-at WDL's test AUC (BENCHMARKS.md). Their models return sigmoid
-probabilities; the wrapper returns the logit of the (clamped) probability so our BCE-with-logits
-loop trains them: d/dp of BCE through logit(p) equals their own BCELoss gradient.
+1024-512-256 (their MLP adds BatchNorm; their defaults otherwise, initialisation included: their
+feature tables start at std 1e-4 and their BST's position table at nn.Embedding's std 1, so its
+tokens start as little more than their positions; on synthetic-order their BST stays at WDL's test
+AUC, BENCHMARKS.md). Their models return sigmoid probabilities; the wrapper returns the logit of
+the (clamped) probability so our BCE-with-logits loop trains them: d/dp of BCE through logit(p)
+equals their own BCELoss gradient.
 """
 
 from __future__ import annotations
