@@ -5,7 +5,7 @@ VENV ?= .venv
 DATA_DIR ?= $(or $(BSTREC_DATA_DIR),$(wildcard ../shared/data))
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test lint bench-data bench-rank bench-serving clean
+.PHONY: quickstart test lint system-deps bench-data bench-rank bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+# redis-server and chromium for the tests that drive them, when this machine lets us install them
+system-deps:
+	bash .ci/system-deps
+
+test: lint system-deps
 	BSTREC_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest
 
 bench-data: $(VENV)/.installed

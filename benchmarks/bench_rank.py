@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import readme_status
 from bstrec.data.samples import SampleSet
 from bstrec.evaluation.evaluate import evaluate_runs
 from bstrec.training.loop import seed_model_init
@@ -324,7 +325,9 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
     res["notes"] = run_notes(names, train_results, args, out_of_time)
     path = write_result(f"rank_{protocol}", res)
     update_section(f"rank_{protocol}", markdown(res))
-    print(f"{protocol}: wrote {path} and its BENCHMARKS.md section; report {report}")
+    readme_status.README.write_text(readme_status.rendered_readme())
+    print(f"{protocol}: wrote {path}, its BENCHMARKS.md section and README.md's status table; "
+          f"report {report}")
 
 
 def main() -> None:

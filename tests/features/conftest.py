@@ -3,8 +3,6 @@ of both backends behind one parametrised fixture."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bstrec.features.store import FeatureStore, StoreConfig, open_store
+from tests.conftest import system_program
 
 
 def _free_port() -> int:
@@ -25,21 +24,9 @@ def _free_port() -> int:
         return port
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def redis_binary() -> str:
-    """The redis-server binary, or skip (fail in CI, which must install it: see .ci/run)."""
-    found = shutil.which("redis-server") or next(
-        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if Path(p).exists()), None)
-    if found is None:
-        msg = ("redis-server not found on PATH: install it (Debian: apt-get install redis-server) "
-               "to run the Redis feature store tests")
-        if _in_ci():
-            pytest.fail(msg + "; CI must have it (.ci/run installs it)")
-        pytest.skip(msg)
-    return found
+    """The redis-server binary, or skip (fail in CI, which must install it: .ci/system-deps)."""
+    return system_program("redis-server", "redis-server")
 
 
 class RedisServer:

@@ -15,9 +15,6 @@ from bstrec.retrieval.export import GRAPH, OUTPUT, export_user_tower, user_tower
 from bstrec.retrieval.two_tower import TwoTower, TwoTowerConfig
 from tests.ranking.test_models import make_batch, make_spec
 
-pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
-pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo exporter)")
-
 SMALL = {"dim": 8, "token_dim": 8, "feat_dim": 4, "heads": 2, "user_hidden": (16,),
          "item_hidden": (16,)}
 CASES = [

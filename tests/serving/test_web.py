@@ -4,36 +4,22 @@ click in the history and the recommendations update. The screenshot is kept in a
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import pytest
+from playwright.sync_api import sync_playwright
 
-from tests.conftest import REPO
+from tests.conftest import REPO, system_program
 from tests.serving.conftest import Artifacts, running
 from tests.serving.test_service import KEY, settings_for
 
 SCREENSHOTS = REPO / "artifacts" / "test"
 
 
-def chromium() -> str:
-    """Debian's chromium, or skip (fail in CI, whose .ci/run installs it)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        msg = "chromium not found on PATH: install it (Debian: apt-get install chromium)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg + "; CI must have it (.ci/run installs it)")
-        pytest.skip(msg)
-    return found
-
-
 def test_page_shows_recommendations_and_a_click_updates_them(artifacts: Artifacts,
                                                               tmp_path: Path) -> None:
-    browser_path = chromium()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'")
+    browser_path = system_program("chromium", "chromium", "chromium-browser")
     with running(settings_for(artifacts, tmp_path)) as (url, client), \
-            sync_api.sync_playwright() as p:
+            sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path,
                                     args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1100, "height": 700})
