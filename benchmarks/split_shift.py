@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rank import DATASETS, ensure_samples
 from bstrec.evaluation.metrics import auc, auc_by_bucket
 from bstrec.features.spec import FeatureSpec
-from bstrec.features.timebuckets import N_TIME_BUCKETS, time_bucket_np
+from bstrec.features.timebuckets import N_TIME_BUCKETS, bucket_edges, time_bucket_np
 from bstrec.ranking.bst import BST
 from bstrec.training.checkpoint import load_checkpoint
 from bstrec.training.loop import predict_logits
@@ -72,6 +72,16 @@ def trained_buckets(train: pl.DataFrame) -> np.ndarray:
                        minlength=N_TIME_BUCKETS) > 0
     held[:2] = True
     out: np.ndarray = np.maximum.accumulate(np.where(held, np.arange(len(held)), 0))
+    return out
+
+
+def remap_dt(dt: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+    """Time differences moved into the bucket ``buckets`` maps theirs to (its lower edge when it
+    changes): the models bucket seconds themselves, so the remapping happens in seconds."""
+    lower = np.asarray([0, 0, *bucket_edges(N_TIME_BUCKETS)], dtype=np.int64)
+    b = time_bucket_np(dt)
+    target = buckets[b]
+    out: np.ndarray = np.where(target == b, dt, lower[target])
     return out
 
 
@@ -157,8 +167,8 @@ def main() -> None:
     spec = FeatureSpec.load(samples / "feature_spec.json")
     scored = {s: TensorSplit.from_frame(frames[s], spec) for s in ("valid", "test")}
     buckets = trained_buckets(frames["train"])
-    remapped = {s: TensorSplit(d.tensors | {"hist_pos": torch.from_numpy(
-        buckets[d.tensors["hist_pos"].numpy()])}) for s, d in scored.items()}
+    remapped = {s: TensorSplit(d.tensors | {"hist_dt": torch.from_numpy(
+        remap_dt(d.tensors["hist_dt"].numpy(), buckets))}) for s, d in scored.items()}
     res: dict[str, Any] = {
         "protocol": args.protocol, "date": now(), "machine": machine(),
         "command": "python benchmarks/split_shift.py " + " ".join(sys.argv[1:]),

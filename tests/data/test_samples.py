@@ -110,7 +110,11 @@ def test_splits_cut_at_global_time_quantiles() -> None:
     assert s.splits["test"]["timestamp"].min() >= t90  # type: ignore[operator]
     assert sum(m["splits"].values()) == len(rows)
     labels = np.array([r[3] >= 4 for r in rows])
-    assert m["positive_rate"]["train"] + 1e-6 >= 0  # sanity of the field
+    times = np.array([r[2] for r in rows])
+    for name, in_split in (("train", times < t80), ("valid", (times >= t80) & (times < t90)),
+                           ("test", times >= t90)):
+        assert m["splits"][name] == in_split.sum()
+        assert m["positive_rate"][name] == round(labels[in_split].sum() / in_split.sum(), 6)
     assert abs(sum(m["positive_rate"][k] * m["splits"][k] for k in m["splits"])
                - labels.sum()) < 1e-3
 
@@ -141,13 +145,17 @@ def test_implicit_feedback_negatives_are_never_touched_items() -> None:
     rows = [(int(u), int(i), int(t), 1.0) for u, i, t in zip(
         rng.integers(1, 20, 800), rng.integers(1, 40, 800), rng.integers(0, 5000, 800),
         strict=True)]
+    first_t = min(r[2] for r in rows)
     for sampling in ("uniform", "popularity"):
         cfg = SampleConfig(negatives=3, negative_sampling=sampling)  # type: ignore[arg-type]
         s = build_samples(make_dataset(rows, feedback="implicit"), cfg, raw_history=True)
         out = all_samples(s)
         pos, neg = out.filter(pl.col("label") == 1), out.filter(pl.col("label") == 0)
         assert pos.height == len(rows)
-        assert neg.height == 3 * len(rows)
+        not_drawn = s.manifest["negatives_not_drawn"]
+        # the log's first second has nothing before it to draw from
+        assert not_drawn["empty_catalogue"] == 3 * sum(r[2] == first_t for r in rows)
+        assert neg.height == 3 * len(rows) - not_drawn["empty_catalogue"] - not_drawn["all_touched"]
         touched = pl.DataFrame(rows, schema=["user_id", "item_id", "t", "v"], orient="row")
         bad = neg.join(touched, on=["user_id", "item_id"]).filter(pl.col("t") <= pl.col("timestamp"))
         assert bad.height == 0, f"{sampling}: negatives the user had already touched"

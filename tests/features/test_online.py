@@ -361,3 +361,44 @@ def test_item_table_rows_equal_item_inputs_and_follow_updates(
     rebuilt = table.updated({"i01": catalogue["i01"]}, ("f", 1), base={})
     same(rebuilt.inputs_of(["i01", "i05"]), online.item_inputs({"i01": catalogue["i01"]},
                                                               ["i01", "i05"]))
+
+
+def test_a_behaviour_takes_its_category_from_the_item_features_the_target_reads(
+        make_store: StoreFactory, fixture_samples: tuple[Dataset, SampleSet]) -> None:
+    """An event ingested while its item had category A, then the item put with category B:
+    every path of a request (rows, the query row from a mapping and from an item table,
+    updated the way serving updates it) gives B to the history entry and to the candidate,
+    for an item of the vocabulary and for one outside it (history only: as a target it is
+    out of vocabulary), on both backends."""
+    from bstrec.features.online import ItemTable
+
+    ds, samples = fixture_samples
+    store, _ = make_store(max_events=5)
+    store.load_dataset(ds)
+    online = OnlineFeatures(samples.vocabs, samples.spec)
+    code = samples.vocabs["category"].index
+    known = "i05"
+    unknown = "zz-new"
+    assert known in samples.vocabs["item_id"].index and unknown not in samples.vocabs["item_id"].index
+    a, b = store.items([known])[known]["category"], "c3"
+    assert a is not None and a != b and a in code and b in code
+    store.put_items({unknown: {"category": a}})
+    ids = [*samples.vocabs["item_id"].values, unknown]
+    table = ItemTable.build(online, store.items(ids), store.snapshot("u01").items_version)
+    ts = 1_800_000_000
+    store.append_many([Event("u01", unknown, ts - 20, "x1"), Event("u01", known, ts - 10, "x2")])
+    store.put_items({known: {**store.items([known])[known], "category": b},
+                     unknown: {"category": b}})
+
+    snap = store.snapshot("u01")
+    changes = store.items_changed(table.version)
+    assert not changes.full
+    table = table.updated(changes.items, changes.version)
+    items = store.items(online.item_ids_needed(snap, [known]))
+    rows = online.tensors(online.rows_from_store(store, "u01", [known], ts))
+    for got in (rows, online.query_row(snap, items, known, ts),
+                online.query_row(snap, table, known, ts),
+                online.query_row(snap, ItemTable.build(online, store.items(ids)), known, ts)):
+        assert got["hist_cat"][0, -2:].tolist() == [code[b], code[b]]
+        assert got["category"].tolist() == [code[b]]
+    assert table.category_names([known, unknown, "nope"]) == [b, b, None]

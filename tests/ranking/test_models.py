@@ -56,8 +56,9 @@ def make_batch(spec: FeatureSpec, n: int, *, seed: int = 0, multi_width: int = 3
     items = torch.randint(2, N_ITEMS + 2, (n, L), generator=g)
     b["hist_item"] = torch.where(mask, items, 0)
     b["hist_cat"] = torch.where(mask, item_category(items), 0)
-    b["hist_dt"] = torch.where(mask, torch.randint(0, 10**6, (n, L), generator=g), 0)
-    b["hist_pos"] = torch.where(mask, torch.randint(1, 30, (n, L), generator=g), 0)
+    # log-uniform seconds up to ~12 days: every bucket of a few tens is hit, the small ones too
+    dt = (2.0 ** (20 * torch.rand(n, L, generator=g))).long() - 1
+    b["hist_dt"] = torch.where(mask, dt, 0)
     b["hist_mask"] = mask
     b["label"] = torch.randint(0, 2, (n,), generator=g).float()
     return b
@@ -96,7 +97,7 @@ def perturb_padding(b: Batch, seed: int = 1) -> Batch:
     g = torch.Generator().manual_seed(seed)
     pad = ~b["hist_mask"]
     out = dict(b)
-    for name, hi in (("hist_item", N_ITEMS + 2), ("hist_cat", N_CATS + 2), ("hist_pos", 30)):
+    for name, hi in (("hist_item", N_ITEMS + 2), ("hist_cat", N_CATS + 2), ("hist_dt", 10**9)):
         noise = torch.randint(1, hi, b[name].shape, generator=g)
         out[name] = torch.where(pad, noise, b[name])
     return out
@@ -142,7 +143,7 @@ def test_padding_never_matters(name: str) -> None:
 def test_empty_history_is_finite() -> None:
     spec = make_spec()
     b = make_batch(spec, 4)
-    for k in ("hist_item", "hist_cat", "hist_pos"):
+    for k in ("hist_item", "hist_cat", "hist_dt"):
         b[k] = torch.zeros_like(b[k])
     b["hist_mask"] = torch.zeros_like(b["hist_mask"])
     for name in NAMES:

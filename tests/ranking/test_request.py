@@ -46,7 +46,7 @@ def requests(n: int, seed: int, multi_width: int = 3) -> list[tuple[Batch, Batch
     spec = make_spec()
     b = make_batch(spec, n, seed=seed, multi_width=multi_width)
     b["hist_mask"][0] = False  # an empty history
-    for col in ("hist_item", "hist_cat", "hist_pos"):
+    for col in ("hist_item", "hist_cat", "hist_dt"):
         b[col][0] = 0
     items = {k: b[k] for k in item_names(spec)}
     return [({k: b[k][r:r + 1] for k in shared_names(spec)}, items) for r in range(min(n, 4))]
@@ -100,8 +100,6 @@ def test_shared_work_cuts_the_flops_per_request() -> None:
     ids=lambda c: str(c))
 def test_exported_request_graph_equals_forward(name: str, overrides: dict[str, object],
                                                tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
-    pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo exporter)")
     model = trained(name, overrides)
     spec = make_spec()
     path = export_request_ranker(model, spec, tmp_path / "request.onnx")
@@ -120,13 +118,12 @@ def test_exported_request_graph_equals_forward(name: str, overrides: dict[str, o
 
 @pytest.mark.parametrize("overrides", [
     TARGET, {**TARGET, "mlp_norm": "batch"}, {**TARGET, "position": "slot"},
+    {**TARGET, "time_buckets": 8},
     {**TARGET, "crosses": [["user_gender", "category"], ["user", "hour"]]}], ids=str)
 def test_exported_item_parts_and_request_parts_graphs_equal_forward(
         overrides: dict[str, object], tmp_path: Path) -> None:
     """The two graphs a target-output BST serves through: item parts computed once per item
     (here for a catalogue, rows gathered per request), then the request from them."""
-    pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed")
-    pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx.export's dynamo exporter)")
     model = trained("bst", overrides)
     assert isinstance(model, BST)
     spec = make_spec()

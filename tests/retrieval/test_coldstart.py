@@ -36,7 +36,7 @@ def _with_history(q: QuerySet, rows: np.ndarray, n: int) -> QuerySet:
     t = sub.data.tensors
     L = t["hist_mask"].shape[1]
     drop = torch.arange(L) < L - n
-    for k in ("hist_item", "hist_cat", "hist_pos", "hist_dt"):
+    for k in ("hist_item", "hist_cat", "hist_dt"):
         t[k][:, drop] = 0
     t["hist_mask"][:, drop] = False
     return sub

@@ -20,7 +20,7 @@ SMALL = {"dim": 8, "token_dim": 8, "feat_dim": 4, "heads": 2, "user_hidden": (16
 CASES = [
     {"encoder": "mean", "user_id": True, "context": True},
     {"encoder": "transformer", "blocks": 2, "user_id": True, "context": True},
-    {"encoder": "mean", "use_time": False},  # hist_pos declared, unused
+    {"encoder": "mean", "use_time": False},  # hist_dt declared, unused
     {"encoder": "transformer", "profile": False},  # the history alone: no feature inputs
 ]
 
@@ -38,7 +38,7 @@ def batch(spec: FeatureSpec, n: int, seed: int, width: int) -> dict[str, torch.T
     tags = b["user_tags"]
     b["user_tags"] = torch.where(torch.rand(tags.shape, generator=g) < 0.3, 0, tags)
     b["user_tags"][0] = 0  # no tags at all
-    for name in ("hist_item", "hist_cat", "hist_pos", "hist_mask"):
+    for name in ("hist_item", "hist_cat", "hist_dt", "hist_mask"):
         b[name][0] = 0  # an empty history
     return b
 

@@ -21,6 +21,7 @@ from bstrec.retrieval.train import (
 )
 from bstrec.retrieval.two_tower import TwoTower, TwoTowerConfig
 from bstrec.training.tensors import TensorSplit
+from tests.ranking.test_models import make_batch, make_spec
 
 FAST = RetrieverTrainConfig(batch_size=64, max_epochs=6, patience=0, lr=5e-3, temperature=0.1,
                             eval_k=5, num_threads=1)
@@ -90,3 +91,29 @@ def test_retrieve_excludes_seen_items(tiny_samples: SampleSet) -> None:
         assert len(row) == len(cat.candidates) - len(seen)  # everything else, once
     s, i = top_k(np.array([[9.0, 9.0, 1.0, 3.0]]), 3, np.array([[False, False, False, True]]))
     assert i.tolist() == [[2, -1, -1]] and np.isneginf(s[0, 1:]).all()
+
+
+@pytest.mark.parametrize("encoder", ["mean", "transformer"])
+def test_time_buckets_is_the_bucketing_the_user_tower_computes(encoder: str) -> None:
+    """63 s and 1024 s share the last of 8 buckets but not buckets of 30: a user's vector
+    changes with them only when the tower has 30; use_time off ignores time altogether."""
+    spec = make_spec()
+    b = make_batch(spec, 8, min_len=spec.max_len)
+
+    def vectors(dt: int, **overrides: object) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = TwoTower(spec, TwoTowerConfig(**{"dim": 8, "token_dim": 8, "heads": 2,  # type: ignore[arg-type]
+                                                 "encoder": encoder, "init_std": 1.0,
+                                                 **overrides})).eval()
+        with torch.no_grad():
+            return model.encode_users({**b, "hist_dt": torch.full_like(b["hist_dt"], dt)})
+
+    assert torch.equal(vectors(63, time_buckets=8), vectors(1024, time_buckets=8))
+    assert not torch.allclose(vectors(63, time_buckets=30), vectors(1024, time_buckets=30),
+                              atol=1e-4)
+    assert torch.equal(vectors(5, use_time=False), vectors(10**7, use_time=False))
+    with pytest.raises(ValueError, match="time_buckets"):
+        TwoTowerConfig(time_buckets=1)
+    model = TwoTower(spec, TwoTowerConfig(time_buckets=8))
+    assert model.buckets is not None and model.buckets.n_buckets == 8
+    assert model.time_emb is not None and model.time_emb.num_embeddings == 8

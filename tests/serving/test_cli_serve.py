@@ -58,9 +58,34 @@ def test_serve_refuses_a_broken_bundle(artifacts: Artifacts) -> None:
     assert res.exit_code == 2 and "ranker.onnx is corrupted" in res.output.replace("\n", "")
 
 
-def test_worker_settings_round_trip_with_the_api_key(tmp_path: Path) -> None:
-    settings = Settings(bundle=tmp_path, api_key="s3cret", workers=2, seed_events=None,
-                        k_max=50, static_dir=None)
+def test_worker_settings_round_trip_with_the_keys(tmp_path: Path) -> None:
+    settings = Settings(bundle=tmp_path, api_key="s3cret", events_key="ev", admin_key="adm",
+                        read_key="rd", workers=2, seed_events=None, k_max=50, static_dir=None)
     back = Settings.model_validate_json(settings_json(settings))
-    assert back == settings and back.api_key is not None
-    assert back.api_key.get_secret_value() == "s3cret"
+    assert back == settings
+    assert [k.get_secret_value() for k in (back.api_key, back.events_key, back.admin_key,
+                                           back.read_key) if k is not None] == [
+        "s3cret", "ev", "adm", "rd"]
+
+
+def test_serve_options_and_keys_reach_the_settings(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access options become settings; keys come from the environment only, and with none
+    there serve makes up an API key and prints it."""
+    seen: list[Settings] = []
+    monkeypatch.setattr("bstrec.serving.server.serve", seen.append)
+    for name in ("API", "EVENTS", "ADMIN", "READ"):
+        monkeypatch.delenv(f"BSTREC_{name}_KEY", raising=False)
+    args = ["serve", "--bundle", str(tmp_path), "--bundle-root", str(tmp_path.parent),
+            "--public-history", "--max-future-s", "60"]
+    res = CliRunner().invoke(app, args, env={"BSTREC_EVENTS_KEY": "ev", "BSTREC_ADMIN_KEY": "ad"})
+    assert res.exit_code == 0, res.output
+    s = seen.pop()
+    assert s.bundle_root == tmp_path.parent and s.public_history and s.max_future_s == 60
+    assert s.events_key is not None and s.events_key.get_secret_value() == "ev"
+    assert s.admin_secret() is not None and s.api_key is None
+    res = CliRunner().invoke(app, ["serve", "--bundle", str(tmp_path)])
+    assert res.exit_code == 0 and "X-API-Key:" in res.output, res.output
+    s = seen.pop()
+    assert s.api_key is not None and not s.public_history and s.max_future_s == 300
+    assert s.reload_root() == tmp_path.parent.resolve()

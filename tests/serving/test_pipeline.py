@@ -83,7 +83,31 @@ def test_an_event_is_seen_by_the_next_request(pipeline: Pipeline, store: Feature
     after = pipeline.recommend(user, k=5, now=NOW)
     assert after.known_user and after.history_length == 1 and after.path == "few"
     assert target not in {i.item_id for i in after.items}  # the seen filter
-    assert store.behaviours(user)[0].category == pipeline.bundle.items[target]["category"]
+    assert pipeline.history(user).behaviours[0].category == \
+        pipeline.bundle.items[target]["category"]
+
+
+def test_a_behaviour_and_a_candidate_read_one_category(pipeline: Pipeline,
+                                                       store: FeatureStore) -> None:
+    """An event ingested while its item had category A, then the item put with category B:
+    the request reads B for the behaviour (history, hist_cat) and for the candidate."""
+    user = 20_000_001
+    item = pipeline.item_vocab.values[0]
+    cats = pipeline.bundle.vocabs["category"].values
+    old = pipeline.bundle.items[item]["category"]
+    new = next(c for c in cats if c != old)
+    pipeline.ingest([IncomingEvent(user, item, NOW - 60)], now=NOW)
+    store.put_items({item: {**store.items([item])[item], "category": new}})
+    pipeline.recommend(user, k=5, now=NOW)  # reads the item table at the new version
+    assert pipeline.history(user).behaviours[0].category == new
+    snap = store.snapshot(user)
+    table = pipeline.table
+    assert table.version == snap.items_version
+    code = pipeline.bundle.vocabs["category"].index[new]
+    row = pipeline.features.query_row(snap, table, item, NOW)
+    assert row["hist_cat"][0, -1] == code and row["category"][0] == code
+    full = pipeline.features.batch_from_store(store, user, [item], NOW)
+    assert full["hist_cat"][0, -1] == code and full["category"][0] == code
 
 
 @pytest.mark.parametrize("event, message", [

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from onnxruntime import quantization
 
 from bstrec.data.io import sha256_file
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.store import FeatureStore, UserSnapshot
 from bstrec.ranking.export import example_batch
+from bstrec.ranking.request import forward_request, shared_names
 from bstrec.retrieval.export import export_user_tower
 from bstrec.retrieval.two_tower import TwoTower
 from bstrec.serving.bundle import (
@@ -34,6 +36,7 @@ from bstrec.serving.bundle import (
 from bstrec.serving.guard import StoreGuard
 from bstrec.serving.pipeline import Pipeline
 from bstrec.serving.runtime import UserTowerRuntime
+from bstrec.training.checkpoint import load_checkpoint
 from bstrec.training.task import train_ranker
 from bstrec.training.tensors import Batch
 from tests.serving.conftest import Artifacts
@@ -68,12 +71,14 @@ def test_a_target_output_bst_serves_from_precomputed_item_parts(
     """The fixture's BST concatenates every output (no sharing). A BST with the target output
     and one block is bundled as the request-parts graph and its item-parts graph: the pipeline
     computes every catalogue item's parts once, and its scores still equal the batch graph on
-    the full rows, with the cached parts and without them (computed per request)."""
+    the full rows, with the cached parts and without them (computed per request), and the
+    eager checkpoint's, with a bucket count other than the default."""
     threads = torch.get_num_threads()
     run = tmp_path / "target_bst"
     train_ranker("bst", artifacts.samples, run, model_overrides={
         "output": "target", "mlp": [32, 16], "mlp_norm": "batch", "item_dim": 8, "cat_dim": 4,
-        "pos_dim": 4, "heads": 2}, train_overrides={"max_steps": 3, "num_threads": 1},
+        "pos_dim": 4, "heads": 2, "time_buckets": 12},
+        train_overrides={"max_steps": 3, "num_threads": 1},
         progress=False)
     torch.set_num_threads(threads)
     target = load_bundle(build_bundle(artifacts.samples, run / "best", tmp_path / "bundle",
@@ -90,8 +95,15 @@ def test_a_target_output_bst_serves_from_precomputed_item_parts(
     row = pipe.features.query_row(snap, pipe.table, pipe.probe_item, NOW)
     idx = np.arange(2, 40)
     cands = pipe.table.inputs(idx)
-    np.testing.assert_allclose(target.ranker.score_request(row, cands, parts[idx]),
-                               target.ranker.score_request(row, cands), rtol=1e-6, atol=1e-7)
+    served = target.ranker.score_request(row, cands, parts[idx])
+    np.testing.assert_allclose(served, target.ranker.score_request(row, cands), rtol=1e-6,
+                               atol=1e-7)
+    model = load_checkpoint(run / "best").model.eval()
+    assert model.config.time_buckets == 12  # type: ignore[union-attr]
+    with torch.no_grad():
+        eager = torch.sigmoid(forward_request(
+            model, {n: row[n] for n in shared_names(target.spec)}, cands)).numpy()
+    np.testing.assert_allclose(served, eager, rtol=0.0, atol=1e-5)
 
 
 def test_a_bundle_without_the_request_graph_serves_through_the_batch_graph(
@@ -120,7 +132,6 @@ def test_an_int8_bundle_serves_through_its_request_graph(artifacts: Artifacts, s
                                                           tmp_path: Path) -> None:
     """Both graphs dynamically quantised (benchmarks/bench_serving.py's int8 variant): they
     agree closely, not exactly, and the bundle loads and serves."""
-    quantization = pytest.importorskip("onnxruntime.quantization")
     q = tmp_path / "int8"
     shutil.copytree(artifacts.bundle, q)
     for name in (RANKER, RANKER_REQUEST):
@@ -173,12 +184,14 @@ def test_bundle_computes_user_vectors_through_the_exported_user_tower(
 @pytest.mark.parametrize("encoder", ["mean", "transformer"])
 def test_user_tower_parity_on_online_rows(encoder: str, bundle: Bundle, pipeline: Pipeline,
                                           store: FeatureStore, tmp_path: Path) -> None:
-    """Both encoders, with the user-id and context inputs too, on the online feature path's
-    rows (the fixture's two-tower is a mean one without them)."""
+    """Both encoders, with the user-id and context inputs too and another bucket count than
+    the default, on the online feature path's rows (the fixture's two-tower is a mean one
+    without them)."""
     assert bundle.two_tower is not None
     torch.manual_seed(0)
     model = TwoTower(bundle.spec, dataclasses.replace(
-        bundle.two_tower.config, encoder=encoder, user_id=True, context=True))  # type: ignore[arg-type]
+        bundle.two_tower.config, encoder=encoder, user_id=True, context=True,  # type: ignore[arg-type]
+        time_buckets=12))
     tower = UserTowerRuntime(export_user_tower(model, bundle.spec, tmp_path / USER_TOWER))
     assert {"user", "hour", "dow"} <= set(tower.input_names)
     tower.check(model)

@@ -10,7 +10,7 @@ from playwright.sync_api import sync_playwright
 
 from tests.conftest import REPO, system_program
 from tests.serving.conftest import Artifacts, running
-from tests.serving.test_service import KEY, settings_for
+from tests.serving.test_service import AUTH, KEY, settings_for
 
 SCREENSHOTS = REPO / "artifacts" / "test"
 
@@ -18,15 +18,20 @@ SCREENSHOTS = REPO / "artifacts" / "test"
 def test_page_shows_recommendations_and_a_click_updates_them(artifacts: Artifacts,
                                                               tmp_path: Path) -> None:
     browser_path = system_program("chromium", "chromium", "chromium-browser")
-    with running(settings_for(artifacts, tmp_path)) as (url, client), \
+    with running(settings_for(artifacts, tmp_path, public_history=False)) as (url, client), \
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path,
                                     args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1100, "height": 700})
         page.goto(f"{url}/?user=3")
-        page.fill("#key", KEY)
+        # the first load had no key: recommendations shown, the protected history refused
         page.wait_for_selector("#recs li.item")
-        history_before = client.get("/users/3/history", params={"n": 200}).json()["behaviours"]
+        page.wait_for_selector("#history li.error")
+        page.fill("#key", KEY)
+        page.click("#load")
+        page.wait_for_selector("#history li span")
+        history_before = client.get("/users/3/history", params={"n": 200},
+                                    headers=AUTH).json()["behaviours"]
         shown = page.locator("#history li").count()
         assert shown == min(20, len(history_before)) > 0
         first = page.locator("#recs li.item").first
@@ -40,7 +45,7 @@ def test_page_shows_recommendations_and_a_click_updates_them(artifacts: Artifact
         # the click lands in the store and the page shows it as the newest behaviour
         page.wait_for_function(
             "item => document.querySelector('#history li span').textContent === item", arg=clicked)
-        after = client.get("/users/3/history", params={"n": 1}).json()["behaviours"]
+        after = client.get("/users/3/history", params={"n": 1}, headers=AUTH).json()["behaviours"]
         assert str(after[0]["item_id"]) == clicked
         # ... and the recommendations no longer offer what was just clicked (seen filter)
         page.wait_for_function(

@@ -106,7 +106,6 @@ def make_split(n: int, seed: int, *, flip: bool = False) -> TensorSplit:
         "hist_item": hist_item,
         "hist_cat": torch.where(mask, hist_item % N_CATS + 2, 0),
         "hist_dt": torch.where(mask, 3600, 0),
-        "hist_pos": mask.long(),
         "hist_mask": mask,
         "label": 1 - label if flip else label,
     })

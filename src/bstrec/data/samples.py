@@ -1,11 +1,12 @@
-"""Point-in-time training samples (protocol P1/P3 in ../shared/PROTOCOL.md).
+"""Point-in-time training samples (protocols P1/P3 and P5 in ../shared/PROTOCOL.md).
 
-One sample per event (explicit feedback: label = value >= threshold) or per positive event plus
-sampled negatives (implicit feedback). The history of a sample is the same user's at most
-``max_len`` earlier events in (timestamp, item id) order, oldest first, each with its item,
-category and the time difference ``sample time - event time`` (seconds, >= 0). Nothing in a sample
-comes from a later time than the sample. Splits cut the samples' timestamps at global quantiles;
-vocabularies are fitted on the train split only.
+One sample per event (explicit feedback: label = value >= threshold) or, for implicit logs (P5),
+per distinct positive event plus negatives drawn from the catalogue as of its time. The history
+of a sample is the same user's at most ``max_len`` earlier events in (timestamp, item id) order,
+oldest first, each with its item, category and the time difference ``sample time - event time``
+(seconds, >= 0). Nothing in a sample, its negatives or its vocabularies comes from a later time
+than the sample. Splits cut the samples' timestamps at global quantiles; vocabularies are fitted
+on the train samples and their histories only.
 
 Everything is vectorised: the history of every event is a slice of the user-sorted event arrays,
 so the (sample, position) index matrix is built with NumPy, never with a Python loop per user.
@@ -48,7 +49,7 @@ class SampleConfig:
     max_len: int = 20
     # explicit feedback: label = value >= label_threshold (P1: rating >= 4)
     label_threshold: float = 4.0
-    # implicit feedback: which actions are positives (None = every action)
+    # implicit feedback: which actions are positives (None = every action); histories keep all
     positive_actions: tuple[str, ...] | None = None
     # implicit feedback: sampled negatives per positive, and from which distribution
     negatives: int = 1
@@ -128,6 +129,24 @@ def behaviour_order(timestamps: list[int], item_ids: list[Any]) -> list[int]:
     return sorted(range(len(timestamps)), key=lambda j: (timestamps[j], item_ids[j]))
 
 
+def in_histories(user_codes: np.ndarray, sample_events: np.ndarray, max_len: int) -> np.ndarray:
+    """(n,) whether each user-sorted event is in the history of one of ``sample_events``.
+
+    Event i is in the history of the sample at event e iff e is the same user's and
+    i < e <= i + max_len: the nearest sample event after i decides, no history is gathered.
+    """
+    n = len(user_codes)
+    targets = np.unique(sample_events)
+    if len(targets) == 0:
+        return np.zeros(n, dtype=bool)
+    idx = np.arange(n, dtype=np.int64)
+    nxt = np.searchsorted(targets, idx, side="right")
+    has = nxt < len(targets)
+    e = targets[np.minimum(nxt, len(targets) - 1)]
+    covered: np.ndarray = has & (e - idx <= max_len) & (user_codes[e] == user_codes)
+    return covered
+
+
 def history_slices(user_codes: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """For user-sorted events, the first index and length of each event's history.
 
@@ -167,37 +186,154 @@ def context_columns(ts: pl.Expr) -> list[pl.Expr]:
     return [hour.cast(pl.Int32).alias("hour"), dow.cast(pl.Int32).alias("dow")]
 
 
-def _sample_negatives(events: pl.DataFrame, pos: pl.DataFrame, cfg: SampleConfig,
-                      rng: np.random.Generator) -> pl.DataFrame:
-    """``cfg.negatives`` items per positive, none of which the user touched up to that time."""
-    counts = events.group_by("item_id").len().sort("item_id")
-    catalog = counts["item_id"]
-    if cfg.negative_sampling == "popularity":
-        # Counted over the first 80% of the log so the distribution never peeks at the test period.
-        cut = float(np.quantile(events["timestamp"].to_numpy(), cfg.split_quantiles[0]))
-        early = events.filter(pl.col("timestamp") < cut).group_by("item_id").len()
-        weights = counts.join(early, on="item_id", how="left", suffix="_e")["len_e"].fill_null(0)
-        p = weights.to_numpy().astype(np.float64) + 1.0  # +1: every item can be drawn
-        p /= p.sum()
-    else:
-        p = None
-    first_seen = (events.group_by("user_id", "item_id")
-                  .agg(pl.col("timestamp").min().alias("_first")))
-    todo = pos.select("_event", "user_id", "timestamp").join(
-        pl.DataFrame({"_k": np.arange(cfg.negatives, dtype=np.int32)}), how="cross")
-    done: list[pl.DataFrame] = []
-    for _ in range(50):
-        if todo.height == 0:
+def prepare_events(dataset: Dataset) -> pl.DataFrame:
+    """The events samples are built from, in the behaviour order (``sort_events``). Implicit
+    logs (P5) drop exact duplicate rows: a logging retry is not a second behaviour."""
+    events = dataset.events
+    if dataset.feedback != "explicit":
+        events = events.unique(maintain_order=True)
+    return sort_events(events)
+
+
+@dataclass(frozen=True)
+class NegativePool:
+    """The catalogue of every time at once (P5 step 3): the items drawable as of t are
+    ``items[:size(t)]``, the entries whose time is strictly before t.
+
+    Uniform: one entry per item at its first event, so the prefix is the set of items seen
+    before t. Popularity: one entry per event in time order, so a uniform entry of the prefix is
+    an item drawn with its event count before t. Either way one binary search and one uniform
+    integer per draw, however long the log.
+    """
+
+    items: np.ndarray  # (P,) item codes
+    times: np.ndarray  # (P,) non-decreasing timestamps
+    item_ids: pl.Series  # item id of each code
+
+    def size(self, t: np.ndarray) -> np.ndarray:
+        """(N,) how many entries are drawable at each of the times ``t`` (N,)."""
+        # sorted needles: the binary searches walk the pool once instead of missing the cache
+        order = np.argsort(t, kind="stable")
+        sizes = np.empty(len(t), dtype=np.int64)
+        sizes[order] = np.searchsorted(self.times, t[order], side="left")
+        return sizes
+
+    def weights(self, t: int) -> dict[Any, int]:
+        """Item id -> weight of the distribution ``draw`` samples at time ``t``."""
+        codes, counts = np.unique(self.items[: int(self.size(np.array([t]))[0])],
+                                  return_counts=True)
+        return dict(zip(self.item_ids.gather(codes).to_list(), counts.tolist(), strict=True))
+
+    def draw(self, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(N,) item codes, one drawn as of each time in ``t`` (N,); every size(t) must be > 0."""
+        return self.draw_below(self.size(t), rng)
+
+    def draw_below(self, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``draw`` for times whose ``size`` is already known."""
+        return self.items[rng.integers(0, sizes)]
+
+
+def negative_pool(events: pl.DataFrame, sampling: Literal["uniform", "popularity"]
+                  ) -> NegativePool:
+    """The pool ``_sample_negatives`` draws from, for the ``prepare_events`` frame ``events``."""
+    codes, item_ids = _item_codes(events)
+    return _pool(codes, events["timestamp"].to_numpy(), item_ids, sampling)
+
+
+def _item_codes(events: pl.DataFrame) -> tuple[np.ndarray, pl.Series]:
+    """Each event's item as an index into the sorted distinct item ids, and those ids."""
+    codes = (events["item_id"].rank("dense").cast(pl.Int64) - 1).to_numpy()
+    return codes, events["item_id"].unique().sort()
+
+
+def _pool(codes: np.ndarray, ts: np.ndarray, item_ids: pl.Series,
+          sampling: Literal["uniform", "popularity"]) -> NegativePool:
+    entries = pl.DataFrame({"item": codes, "t": ts})
+    if sampling == "uniform":
+        entries = entries.group_by("item").agg(pl.col("t").min())
+    # (time, item code): the pool, and so the seeded draws, do not depend on the file order
+    entries = entries.sort("t", "item")
+    return NegativePool(entries["item"].to_numpy(), entries["t"].to_numpy(), item_ids)
+
+
+@dataclass(frozen=True)
+class _Touched:
+    """When each user first touched each item: (user code, item code) keys, sorted."""
+
+    keys: np.ndarray
+    first: np.ndarray
+    n_items: int
+
+    @classmethod
+    def build(cls, user_codes: np.ndarray, item_codes: np.ndarray, ts: np.ndarray,
+              n_items: int) -> _Touched:
+        frame = (pl.DataFrame({"k": user_codes.astype(np.int64) * n_items + item_codes,
+                               "t": ts})
+                 .group_by("k").agg(pl.col("t").min()).sort("k"))
+        return cls(frame["k"].to_numpy(), frame["t"].to_numpy(), n_items)
+
+    def at_or_before(self, users: np.ndarray, items: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """(N,) whether user ``users[j]`` touched item ``items[j]`` at or before ``t[j]``."""
+        keys = users.astype(np.int64) * self.n_items + items
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        hit: np.ndarray = (self.keys[pos] == keys) & (self.first[pos] <= t)
+        return hit
+
+    def items_of(self, user: int, t: int) -> np.ndarray:
+        """Item codes the user touched at or before ``t``."""
+        lo, hi = np.searchsorted(self.keys, [user * self.n_items, (user + 1) * self.n_items])
+        return self.keys[lo:hi][self.first[lo:hi] <= t] - user * self.n_items
+
+
+REJECTION_ROUNDS = 30
+
+
+def _sample_negatives(events: pl.DataFrame, user_codes: np.ndarray, pos_idx: np.ndarray,
+                      cfg: SampleConfig, rng: np.random.Generator
+                      ) -> tuple[pl.DataFrame, dict[str, int]]:
+    """``cfg.negatives`` items per positive event ``pos_idx`` (P5 step 3) from the catalogue
+    as of its time, none of which the user touched at or before that time; and how many could
+    not be drawn (``empty_catalogue``: nothing before t; ``all_touched``: the user had touched
+    every item of it)."""
+    item_codes, item_ids = _item_codes(events)
+    ts = events["timestamp"].to_numpy()
+    pool = _pool(item_codes, ts, item_ids, cfg.negative_sampling)
+    touched = _Touched.build(user_codes, item_codes, ts, len(pool.item_ids))
+    # row r = (positive r // negatives, draw r % negatives)
+    row_event = np.repeat(pos_idx, cfg.negatives)
+    row_user, row_ts = user_codes[row_event], ts[row_event]
+    row_size = np.repeat(pool.size(ts[pos_idx]), cfg.negatives)
+    drawn = np.full(len(row_event), -1, dtype=np.int64)
+    empty = row_size == 0
+    todo = np.flatnonzero(~empty)
+    for _ in range(REJECTION_ROUNDS):
+        if len(todo) == 0:
             break
-        draw = rng.choice(len(catalog), size=todo.height, p=p)
-        cand = todo.with_columns(catalog.gather(draw).alias("item_id"))
-        cand = cand.join(first_seen, on=["user_id", "item_id"], how="left")
-        ok = pl.col("_first").is_null() | (pl.col("_first") > pl.col("timestamp"))
-        done.append(cand.filter(ok).drop("_first"))
-        todo = cand.filter(~ok).drop("_first", "item_id")
-    if todo.height:
-        log.warning("dropped %d negatives: no item left that the user had not touched", todo.height)
-    return pl.concat(done).select("_event", "item_id").with_columns(pl.lit(0.0).alias("label"))
+        cand = pool.draw_below(row_size[todo], rng)
+        ok = ~touched.at_or_before(row_user[todo], cand, row_ts[todo])
+        drawn[todo[ok]] = cand[ok]
+        todo = todo[~ok]
+    # The few rows still rejected draw exactly from what the user left untouched (the same
+    # distribution as endless redrawing), or have nothing left to draw.
+    all_touched = 0
+    for r in todo:
+        entries = pool.items[: row_size[r]]
+        left = np.flatnonzero(~np.isin(entries, touched.items_of(int(row_user[r]),
+                                                                 int(row_ts[r]))))
+        if len(left) == 0:
+            all_touched += 1
+        else:
+            drawn[r] = entries[left[rng.integers(len(left))]]
+    if all_touched:
+        log.warning("dropped %d negatives: the user had touched every item of the catalogue "
+                    "as of the sample's time", all_touched)
+    keep = drawn >= 0
+    negatives = pl.DataFrame({
+        "_event": pl.Series(row_event[keep]).cast(events.schema["_event"]),
+        "item_id": pool.item_ids.gather(drawn[keep]),
+        "label": pl.Series(np.zeros(int(keep.sum())), dtype=pl.Float64),
+    })
+    return negatives, {"empty_catalogue": int(empty.sum()), "all_touched": all_touched}
 
 
 def build_samples(dataset: Dataset, cfg: SampleConfig | None = None, *,
@@ -213,25 +349,36 @@ def build_samples(dataset: Dataset, cfg: SampleConfig | None = None, *,
     stage("ordering events")
     rng = np.random.default_rng(cfg.seed)
     items = dataset.items
-    events = sort_events(dataset.events).with_row_index("_event")
-    events = events.join(items.select("item_id", "category"), on="item_id", how="left")
+    implicit = dataset.feedback != "explicit"
+    events = prepare_events(dataset).with_row_index("_event")
+    # history_slices reads runs of one user: the join must keep the user-sorted rows in place
+    events = events.join(items.select("item_id", "category"), on="item_id", how="left",
+                         maintain_order="left")
     user_codes = events["user_id"].rank("dense").to_numpy()
     first, lengths = history_slices(user_codes, cfg.max_len)
 
     stage("choosing targets and labels")
     # 1. which events are samples, with which target and label
-    if dataset.feedback == "explicit":
+    missing: dict[str, int] = {}
+    if not implicit:
         label = (pl.col("value") >= cfg.label_threshold).cast(pl.Float32).alias("label")
         samples = events.select("_event", "item_id", label)
     else:
         pos_mask = (pl.lit(True) if cfg.positive_actions is None
                     else pl.col("action").is_in(list(cfg.positive_actions)))
         pos = events.filter(pos_mask)
-        positives = pos.select("_event", "item_id", pl.lit(1.0).alias("label"))
+        positives = pos.select("_event", "item_id", pl.lit(1.0).alias("label"), "action")
         parts = [positives]
         if cfg.negatives:
-            parts.append(_sample_negatives(events, pos, cfg, rng))
+            stage("sampling negatives")
+            negatives, missing = _sample_negatives(
+                events, user_codes, pos["_event"].to_numpy(), cfg, rng)
+            parts.append(negatives.with_columns(pl.lit(None, dtype=pl.String).alias("action")))
         samples = pl.concat(parts).with_columns(pl.col("label").cast(pl.Float32))
+    if samples.height == 0:
+        raise ValueError(f"dataset {dataset.name!r}: no samples (no event"
+                         + (f" of positive_actions {list(cfg.positive_actions)})"
+                            if implicit and cfg.positive_actions is not None else ")"))
     samples = samples.sort("_event", "label", descending=[False, True], maintain_order=True)
     ev_idx = samples["_event"].to_numpy()
     ev_cols = events.select("user_id", "timestamp").gather(ev_idx)
@@ -245,13 +392,16 @@ def build_samples(dataset: Dataset, cfg: SampleConfig | None = None, *,
     samples = samples.with_columns(pl.Series("_split", split))
 
     stage("fitting vocabularies on train")
-    # 3. vocabularies from train samples only
+    # 3. vocabularies from train samples and their histories only (P5 step 5)
     train = samples.filter(pl.col("_split") == 0)
-    train_items = items.join(train.select("item_id").unique(), on="item_id", how="semi")
-    train_users = dataset.users.join(train.select("user_id").unique(), on="user_id", how="semi")
+    seen = events.filter(pl.Series(in_histories(user_codes, ev_idx[split == 0], cfg.max_len)))
+    train_item_ids = pl.concat([train["item_id"], seen["item_id"]]).unique()
+    train_user_ids = pl.concat([train["user_id"], seen["user_id"]]).unique()
+    train_items = items.join(train_item_ids.to_frame(), on="item_id", how="semi")
+    train_users = dataset.users.join(train_user_ids.to_frame(), on="user_id", how="semi")
     vocabs = Vocabularies({
-        "user_id": Vocabulary.fit(train["user_id"]),
-        "item_id": Vocabulary.fit(train["item_id"]),
+        "user_id": Vocabulary.fit(train_user_ids),
+        "item_id": Vocabulary.fit(train_item_ids),
         "category": Vocabulary.fit(train_items["category"]),
         "hour": Vocabulary(list(range(24))),
         "dow": Vocabulary(list(range(7))),
@@ -276,10 +426,14 @@ def build_samples(dataset: Dataset, cfg: SampleConfig | None = None, *,
     spec = make_spec(dataset, vocabs, cfg.max_len)
     out = assemble_rows(samples.with_columns(*hist), user_enc, item_enc, vocabs, spec)
     feature_cols = [f.name for f in spec.features]
-    cols = ["user_id", "item_id", "timestamp", "label", *feature_cols,
-            "hist_item", "hist_cat", "hist_dt", *(["hist_item_id"] if raw_history else [])]
+    cols = ["user_id", "item_id", "timestamp", "label", *(["action"] if implicit else []),
+            *feature_cols, "hist_item", "hist_cat", "hist_dt",
+            *(["hist_item_id"] if raw_history else [])]
     splits = {name: out.filter(pl.col("_split") == i).select(cols) for i, name in enumerate(SPLITS)}
     manifest = make_manifest(dataset, cfg, splits, vocabs, t80, t90)
+    if implicit:
+        manifest["duplicate_events_dropped"] = dataset.events.height - events.height
+        manifest["negatives_not_drawn"] = missing
     return SampleSet(splits=splits, vocabs=vocabs, spec=spec, manifest=manifest, dataset=dataset)
 
 

@@ -7,6 +7,10 @@ joins, context columns and out-of-vocabulary filling. A request is a sample whos
 request itself: its history is the user's last ``max_len`` stored behaviours with timestamp <=
 the request time, in the behaviour order, each with ``request time - behaviour time``.
 
+A behaviour's category is its item's in the item features the request reads, the same
+features as the candidates' (offline, both come from the item table): an item whose category
+``put_items`` changed carries the new one in the history and as a candidate alike.
+
 Offline, a behaviour in the same second as the sample counts as history only when its item id
 is smaller (P1's order). Online every stored behaviour happened before the request, so all of
 them count; the skew test (tests/features/test_online.py) loads the store with exactly the
@@ -180,7 +184,8 @@ class OnlineFeatures:
             "user_id": pl.Series([user] * len(behaviours), dtype=user_dtype),
             "item_id": pl.Series([b.item_id for b in behaviours], dtype=item_dtype),
             "timestamp": pl.Series([b.timestamp for b in behaviours], dtype=pl.Int64),
-            "category": pl.Series([b.category for b in behaviours], dtype=pl.String),
+            "category": pl.Series([_category(items.get(b.item_id)) for b in behaviours],
+                                  dtype=pl.String),
         })).filter(pl.col("timestamp") <= request_ts)
         # the request is one more event after them: its window is the offline sample's window
         n = events.height
@@ -336,15 +341,13 @@ class OnlineFeatures:
         hist = self._history(snapshot, request_ts)
         ids = [b.item_id for b in hist]
         if isinstance(items, ItemTable):
-            ev_item = items.item_codes(ids)
+            ev_item, ev_cat = items.item_codes(ids), items.category_codes(ids)
         else:
             entries = self._item_codes(ids, items)
             item_pos = self.item_cats.index("item")
             ev_item = np.array([entries[i][2].cats[item_pos] if i in entries else OOV
                                 for i in ids], dtype=np.int64)
-        cat_index = self.vocabs["category"].index
-        ev_cat = np.array([OOV if b.category is None else cat_index.get(b.category, OOV)
-                           for b in hist], dtype=np.int64)
+            ev_cat = self.category_codes([items.get(i) for i in ids])
         ev_ts = np.array([b.timestamp for b in hist], dtype=np.int64)
         length = np.full(1, len(hist), dtype=np.int64)
         _, _, h_item, h_cat, h_dt = history_arrays(
@@ -359,6 +362,13 @@ class OnlineFeatures:
         out["dow"] = torch.tensor([self.vocabs["dow"].index.get(dow, OOV)])
         batch = {f.name: out[f.name] for f in self.spec.features}
         return batch | history_tensors(length, h_item, h_cat, h_dt, self.spec.max_len)
+
+    def category_codes(self, features: Sequence[Features | None]) -> I64:
+        """(N,) the category codes of items' features (OOV: no features or no category), as
+        the offline builder encodes a behaviour's category from the item table."""
+        index = self.vocabs["category"].index
+        return np.fromiter((OOV if (c := _category(f)) is None else index.get(c, OOV)
+                            for f in features), dtype=np.int64, count=len(features))
 
     def _user_row(self, snapshot: UserSnapshot) -> I64:
         """(n_user_features,) codes of the user's columns as ``rows`` joins them: the profile
@@ -418,23 +428,36 @@ class OnlineFeatures:
         return self.tensors(self.rows_from_store(store, user_id, candidates, request_ts))
 
 
+def _category(features: Features | None) -> str | None:
+    """An item's raw category as the item table's String column holds it."""
+    cat = None if features is None else features.get("category")
+    return None if cat is None else str(cat)
+
+
 class ItemTable:
     """The catalogue's target-item inputs as arrays indexed by vocabulary index: what
     ``OnlineFeatures.item_inputs`` gives for those items, one fancy index per column a request
     instead of a feature read and a lookup per candidate. Built from features (the bundle's,
     overlaid with the store's); immutable: ``updated`` gives a new table (copy on write) that
     the caller swaps in, so readers never see half an update. ``version``: the store's item
-    version it reflects (None: not read from a store).
+    version it reflects (None: not read from a store). ``others``: the features of items
+    outside the vocabulary, of which only the category is read (``category_codes``: a
+    behaviour of such an item is out of vocabulary but keeps its category, as offline).
 
     Notation: V vocabulary size (reserved indices included), N candidates.
     """
 
     def __init__(self, online: OnlineFeatures, features: dict[int, Features],
-                 version: ItemsVersion | None) -> None:
+                 version: ItemsVersion | None, others: dict[ItemId, Features] | None = None
+                 ) -> None:
         self.online = online
         self.version = version
         self.vocab = online.vocabs["item_id"]
         self.features = features  # vocabulary index -> the features encoded (present items)
+        self.others: dict[ItemId, Features] = others or {}
+        self.other_cats: dict[ItemId, int] = dict(zip(
+            self.others, online.category_codes(list(self.others.values())).tolist(),
+            strict=True))
         v = len(self.vocab.values) + N_RESERVED
         absent = _ItemCodes((OOV,) * len(online.item_cats), ((),) * len(online.item_multis))
         idx = sorted(features)
@@ -461,6 +484,7 @@ class ItemTable:
             cat[i] = None if c is None else str(c)
         self.categories: list[str | None] = cat
         self.item_pos = online.item_cats.index("item")
+        self.cat_pos = online.item_cats.index("category")
 
     @classmethod
     def build(cls, online: OnlineFeatures, items: Mapping[ItemId, Features],
@@ -469,7 +493,7 @@ class ItemTable:
         codes, as ``item_inputs`` gives items missing from its mapping)."""
         index = online.vocabs["item_id"].index
         feats = {index[i]: f for i, f in items.items() if i in index}
-        return cls(online, feats, version)
+        return cls(online, feats, version, {i: f for i, f in items.items() if i not in index})
 
     def updated(self, items: Mapping[ItemId, Features], version: ItemsVersion | None, *,
                 base: Mapping[ItemId, Features] | None = None) -> ItemTable:
@@ -479,7 +503,10 @@ class ItemTable:
         feats = dict(self.features) if base is None else \
             {index[i]: f for i, f in base.items() if i in index}
         feats.update({index[i]: f for i, f in items.items() if i in index})
-        return ItemTable(self.online, feats, version)
+        others = dict(self.others) if base is None else \
+            {i: f for i, f in base.items() if i not in index}
+        others.update({i: f for i, f in items.items() if i not in index})
+        return ItemTable(self.online, feats, version, others)
 
     def indices(self, ids: Sequence[ItemId]) -> I64:
         index = self.vocab.index
@@ -490,6 +517,20 @@ class ItemTable:
         # items without features have the out-of-vocabulary row
         out: I64 = self.cats[self.indices(ids), self.item_pos]
         return out
+
+    def category_codes(self, ids: Sequence[ItemId]) -> I64:
+        """(N,) the category codes of raw ids' features (OOV: unknown or without a category):
+        a behaviour's ``hist_cat``, from the same features as a candidate's ``category``."""
+        idx = self.indices(ids)
+        out: I64 = self.cats[idx, self.cat_pos]
+        for k in np.flatnonzero(idx == OOV):  # outside the vocabulary: rare, a short loop
+            out[k] = self.other_cats.get(ids[int(k)], OOV)
+        return out
+
+    def category_names(self, ids: Sequence[ItemId]) -> list[str | None]:
+        """The raw categories of raw ids (None: unknown or without a category)."""
+        return [self.categories[j] if j != OOV else _category(self.others.get(i))
+                for i, j in zip(ids, self.indices(ids).tolist(), strict=True)]
 
     def inputs(self, idx: I64) -> Batch:
         """(N,) vocabulary indices -> the candidates' item inputs, as ``item_inputs`` gives

@@ -11,6 +11,11 @@ keeps the store deterministic under concurrent writers. The cap keeps the ``max_
 behaviours in that order, so an event that arrives late with an old timestamp never evicts a
 newer one.
 
+A behaviour is stored without its item's category: the request reads it from the same item
+features as the candidates' (features/online.py), as the offline builder takes both from the
+item table, so that changing an item's category (``put_items``) changes it for a behaviour
+and a candidate alike, never for one of them only.
+
 Appending is atomic per user (a SQLite transaction, a Redis Lua script) and idempotent by event
 id: an id already in the user's sequence is ignored. Ids of behaviours pushed out by the cap are
 forgotten, which keeps the store bounded and stays idempotent: a full sequence only moves forward
@@ -58,24 +63,22 @@ class StoreUnavailable(StoreError):
 
 @dataclass(frozen=True)
 class Event:
-    """One behaviour as it arrives (POST /events). ``category`` None: taken from the item's
-    features in the store, as the offline builder takes it from the item table."""
+    """One behaviour as it arrives (POST /events). It carries no category: a behaviour's
+    category is its item's at request time (see the module doc)."""
 
     user_id: UserId
     item_id: ItemId
     timestamp: int
     event_id: str
-    category: str | None = None
 
 
 @dataclass(frozen=True)
 class Behaviour:
-    """One stored behaviour of a user."""
+    """One stored behaviour of a user (its category: its item's features, at request time)."""
 
     item_id: ItemId
     timestamp: int
     event_id: str
-    category: str | None
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ class FeatureStore(ABC):
     # --- backend primitives -------------------------------------------------------------------
     @abstractmethod
     def _append_user(self, user_id: UserId, events: Sequence[Event]) -> list[bool]:
-        """Atomically add ``events`` (one user, categories filled) and cap the sequence; per event,
+        """Atomically add ``events`` (one user) and cap the sequence; per event,
         True if it is new and still in the sequence after the cap."""
 
     def _append_bulk(self, groups: Sequence[tuple[UserId, Sequence[Event]]]) -> int:
@@ -242,7 +245,6 @@ class FeatureStore(ABC):
             check_id(e.item_id, "item_id")
             if not e.event_id:
                 raise ValueError(f"event {e} has no event_id: appends are idempotent by event id")
-        events = self._with_categories(events)
         by_user: dict[UserId, list[int]] = {}
         for i, e in enumerate(events):
             by_user.setdefault(e.user_id, []).append(i)
@@ -258,16 +260,6 @@ class FeatureStore(ABC):
     def profile(self, user_id: UserId) -> Features | None:
         return self.snapshot(user_id).profile
 
-    def _with_categories(self, events: Sequence[Event]) -> list[Event]:
-        missing = {e.item_id for e in events if e.category is None}
-        if not missing:
-            return list(events)
-        feats = self.items(missing)
-        return [e if e.category is not None else
-                Event(e.user_id, e.item_id, e.timestamp, e.event_id,
-                      _category(feats.get(e.item_id)))
-                for e in events]
-
     def load_dataset(self, dataset: Dataset, until: int | None = None, *,
                      batch_users: int = 500) -> LoadReport:
         """Seed the store from a canonical Dataset: every profile and item, and each user's last
@@ -278,20 +270,20 @@ class FeatureStore(ABC):
         """
         import polars as pl  # only the bulk path needs frames
 
-        from bstrec.data.samples import sort_events
+        from bstrec.data.samples import prepare_events
 
         t0 = time.perf_counter()
         profiles = _records(dataset.users, "user_id")
         self.put_profiles(profiles)
         items = _records(dataset.items, "item_id")
         self.put_items(items)
-        events = dataset.events
+        # the events the samples were built from (implicit logs: exact duplicates dropped), so
+        # that a served history is a trained one
+        events = prepare_events(dataset)
         if until is not None:
             events = events.filter(pl.col("timestamp") < until)
         triple = ["user_id", "item_id", "timestamp"]
-        events = (sort_events(events)
-                  .join(dataset.items.select("item_id", "category"), on="item_id", how="left",
-                        maintain_order="left")
+        events = (events
                   .with_columns(pl.coalesce(
                       pl.col("event_id"),
                       pl.concat_str([*(pl.col(c).cast(pl.String) for c in triple),
@@ -305,15 +297,15 @@ class FeatureStore(ABC):
         # sorted by user: one pass cuts the rows into per-user runs, batch_users runs a write
         added = 0
         group: list[tuple[UserId, list[Event]]] = []
-        for user, item, ts, eid, cat in events.select(
-                "user_id", "item_id", "timestamp", "event_id", "category").iter_rows():
+        for user, item, ts, eid in events.select(
+                "user_id", "item_id", "timestamp", "event_id").iter_rows():
             if not group or group[-1][0] != user:
                 if len(group) >= batch_users:
                     added += self._append_bulk(group)
                     group = []
                 check_id(user, "user_id")
                 group.append((user, []))
-            group[-1][1].append(Event(user, item, ts, eid, cat))
+            group[-1][1].append(Event(user, item, ts, eid))
         if group:
             added += self._append_bulk(group)
         report = LoadReport(users=len(profiles), items=len(items), behaviours=added,
@@ -327,13 +319,6 @@ class FeatureStore(ABC):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def _category(features: Features | None) -> str | None:
-    if features is None:
-        return None
-    cat = features.get("category")
-    return None if cat is None else str(cat)
 
 
 def _records(frame: pl.DataFrame, key: str) -> dict[Any, Features]:

@@ -40,7 +40,6 @@ CREATE TABLE IF NOT EXISTS behaviours (
     event_id TEXT NOT NULL,
     item_id NOT NULL,
     ts INTEGER NOT NULL,
-    category TEXT,
     UNIQUE (user_id, event_id)
 );
 CREATE INDEX IF NOT EXISTS behaviours_order ON behaviours (user_id, ts, item_id, event_id);
@@ -130,9 +129,8 @@ class EmbeddedStore(FeatureStore):
         with self._write() as cur:
             seqs: list[int | None] = []
             for e in events:
-                cur.execute("INSERT OR IGNORE INTO behaviours (user_id, event_id, item_id, ts, category)"
-                            " VALUES (?, ?, ?, ?, ?)",
-                            (user_id, e.event_id, e.item_id, e.timestamp, e.category))
+                cur.execute("INSERT OR IGNORE INTO behaviours (user_id, event_id, item_id, ts)"
+                            " VALUES (?, ?, ?, ?)", (user_id, e.event_id, e.item_id, e.timestamp))
                 seqs.append(cur.lastrowid if cur.rowcount == 1 else None)
             self._trim(cur, [user_id])
             kept = {r[0] for r in cur.execute("SELECT seq FROM behaviours WHERE user_id = ?",
@@ -140,11 +138,11 @@ class EmbeddedStore(FeatureStore):
         return [s is not None and s in kept for s in seqs]
 
     def _append_bulk(self, groups: Sequence[tuple[UserId, Sequence[Event]]]) -> int:
-        rows = [(u, e.event_id, e.item_id, e.timestamp, e.category) for u, evs in groups for e in evs]
+        rows = [(u, e.event_id, e.item_id, e.timestamp) for u, evs in groups for e in evs]
         with self._write() as cur:
             last = cur.execute("SELECT COALESCE(MAX(seq), 0) FROM behaviours").fetchone()[0]
-            cur.executemany("INSERT OR IGNORE INTO behaviours (user_id, event_id, item_id, ts, category)"
-                            " VALUES (?, ?, ?, ?, ?)", rows)
+            cur.executemany("INSERT OR IGNORE INTO behaviours (user_id, event_id, item_id, ts)"
+                            " VALUES (?, ?, ?, ?)", rows)
             self._trim(cur, [u for u, _ in groups])
             added: int = cur.execute("SELECT COUNT(*) FROM behaviours WHERE seq > ?",
                                      (last,)).fetchone()[0]
@@ -152,7 +150,7 @@ class EmbeddedStore(FeatureStore):
 
     def snapshot(self, user_id: UserId) -> UserSnapshot:
         with self._read() as cur:
-            rows = cur.execute(f"SELECT item_id, ts, event_id, category FROM behaviours "
+            rows = cur.execute(f"SELECT item_id, ts, event_id FROM behaviours "
                                f"WHERE user_id = ? ORDER BY {_ORDER}", (user_id,)).fetchall()
             prof = cur.execute("SELECT profile FROM profiles WHERE user_id = ?",
                                (user_id,)).fetchone()

@@ -129,7 +129,7 @@ class RedisStore(FeatureStore):
         for e in events:
             args += [e.event_id, e.timestamp, id_key(e.item_id), e.event_id.encode().hex(),
                      dumps({"item_id": e.item_id, "timestamp": e.timestamp,
-                            "event_id": e.event_id, "category": e.category})]
+                            "event_id": e.event_id})]
         return args
 
     def _append_user(self, user_id: UserId, events: Sequence[Event]) -> list[bool]:
@@ -160,7 +160,8 @@ class RedisStore(FeatureStore):
         out = []
         for m in members:
             b = json.loads(m.rsplit("\x1f", 1)[1])
-            out.append(Behaviour(b["item_id"], b["timestamp"], b["event_id"], b["category"]))
+            # (members written before categories were read at request time carry one: ignored)
+            out.append(Behaviour(b["item_id"], b["timestamp"], b["event_id"]))
         return UserSnapshot(user_id=user_id, behaviours=tuple(out),
                             profile=None if prof is None else json.loads(prof),
                             items_version=_version(version))

@@ -4,8 +4,9 @@ Notation: B batch, L history length (``spec.max_len``), D token width, F other-f
 
 1. The target item is appended to the user's behaviour sequence: L+1 tokens, target last.
 2. Each token is the concatenation (the paper concatenates, it does not add) of its item-id,
-   category and position embeddings. Position = the time between the request and the behaviour,
-   bucketed (features/timebuckets.py); the target's own is bucket 1 (dt = 0).
+   category and position embeddings. Position = the time between the request and the behaviour
+   (``hist_dt``, seconds), bucketed here into the config's ``time_buckets``
+   (features/timebuckets.py); the target's own is bucket 1 (dt = 0).
 3. ``blocks`` Transformer blocks (paper: 1 block, 8 heads, dropout 0.2, LeakyReLU feed-forward).
 4. The outputs of all L+1 positions (padding zeroed), or of the target position only, are
    concatenated with the embeddings of the other features (user profile, target item features,
@@ -17,10 +18,11 @@ from its item alone is ``item_parts``, which serving computes once per catalogue
 (``forward_parts`` takes them; see there).
 
 Token width 64 = item 32 + category 16 + position 16: the item id carries most of what a token
-says (thousands of values), the category (tens) and the time bucket (30) need few dimensions; 64
-is the top of the paper's embedding sizes (4-64) and splits into 8 heads of 8. Ablations
-(``position="none"``) drop the position part, leaving 48. The target's raw item and category
-embeddings are also among the other features (the paper lists item id and category there).
+says (thousands of values), the category (tens) and the time bucket (``time_buckets``, 30 by
+default) need few dimensions; 64 is the top of the paper's embedding sizes (4-64) and splits
+into 8 heads of 8. Ablations (``position="none"``) drop the position part, leaving 48. The
+target's raw item and category embeddings are also among the other features (the paper lists
+item id and category there).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bstrec.features.spec import FeatureSpec
-from bstrec.features.timebuckets import N_TIME_BUCKETS
+from bstrec.features.timebuckets import N_TIME_BUCKETS, TimeBuckets
 from bstrec.nn.embeddings import Cross, FeatureEmbeddings, resolve_crosses
 from bstrec.nn.mlp import MLP, Activation, Norm
 from bstrec.nn.transformer import TransformerBlock
@@ -91,6 +93,8 @@ class BSTConfig:
     # target_bn_wide). Serving scores such a model on the broadcast batch (no request sharing).
     wide: bool = False
     crosses: tuple[tuple[str, str], ...] | None = None  # None: gender x category if in the spec
+    # log2-spaced buckets of hist_dt (position="time"): the last one takes every dt from
+    # 2^(time_buckets-2) - 1 seconds on, so fewer buckets merge all older behaviours
     time_buckets: int = N_TIME_BUCKETS
 
     @property
@@ -106,6 +110,9 @@ class BSTConfig:
             raise ValueError("blocks and heads must be >= 1")
         if self.token_dim % self.heads:
             raise ValueError(f"token width {self.token_dim} is not divisible by {self.heads} heads")
+        if self.time_buckets < 2:
+            raise ValueError(f"time_buckets must be >= 2 (padding and dt = 0), got "
+                             f"{self.time_buckets}")
         if self.position == "sinusoidal" and self.pos_dim % 2:
             raise ValueError("sinusoidal positions need an even pos_dim")
         for name in ("dropout", "mlp_dropout", "history_dropout"):
@@ -138,7 +145,9 @@ class BST(nn.Module):
         # the sequence is always slot L - j, whatever the history's length.
         self.register_buffer("slots", torch.arange(L, -1, -1), persistent=False)  # (L+1,)
         self.pos: nn.Embedding | None = None
+        self.buckets: TimeBuckets | None = None
         if c.position == "time":
+            self.buckets = TimeBuckets(c.time_buckets)
             self.pos = nn.Embedding(c.time_buckets, c.pos_dim, padding_idx=0)
         elif c.position == "slot":
             self.pos = nn.Embedding(L + 1, c.pos_dim)
@@ -190,13 +199,14 @@ class BST(nn.Module):
         c = self.config
         return c.output == "target" and c.blocks == 1 and not c.wide
 
-    def _positions(self, hist_pos: Tensor) -> Tensor | None:
-        """(B, L) time buckets -> (B, L+1, pos_dim) position part of the tokens, target last
-        (its time bucket is 1: dt = 0); None when tokens have no position part."""
-        B = hist_pos.shape[0]
+    def _positions(self, hist_dt: Tensor, hist_mask: Tensor) -> Tensor | None:
+        """(B, L) seconds, (B, L) mask -> (B, L+1, pos_dim) position part of the tokens,
+        target last (its time bucket is 1: dt = 0); None when tokens have no position part."""
+        B = hist_dt.shape[0]
         out: Tensor | None = None
-        if self.pos is not None and self.config.position == "time":
-            out = self.pos(torch.cat([hist_pos, hist_pos.new_ones(B, 1)], 1))
+        if self.pos is not None and self.buckets is not None:
+            pos = self.buckets(hist_dt, hist_mask)  # (B, L), padding 0
+            out = self.pos(torch.cat([pos, pos.new_ones(B, 1)], 1))
         elif self.pos is not None:
             out = self.pos(self.slots).expand(B, -1, -1)
         elif self.config.position == "sinusoidal":
@@ -214,7 +224,7 @@ class BST(nn.Module):
                            >= self.config.history_dropout)
         keep = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, L+1): the target is always there
         parts = [item, cat]
-        pos = self._positions(batch["hist_pos"])
+        pos = self._positions(batch["hist_dt"], batch["hist_mask"])
         if pos is not None:
             parts.append(pos)
         other = torch.cat([e.fields.flatten(1), item[:, -1], cat[:, -1]], 1)
@@ -275,7 +285,8 @@ class BST(nn.Module):
         N = item_t.shape[0]
         parts = [item_t, cat_t]
         # the target's position does not depend on the history (time bucket 1, slot 0)
-        pos = self._positions(self.slots.new_zeros(1, self.max_len))
+        none = self.slots.new_zeros(1, self.max_len)
+        pos = self._positions(none, none.bool())
         if pos is not None:
             parts.append(pos[:, -1].expand(N, -1))
         token = torch.cat(parts, -1)  # (N, D)
@@ -304,7 +315,7 @@ class BST(nn.Module):
         token, q, v, s_self, z_item = torch.split(parts, list(self.part_sizes), 1)
         context = [emb.seq_tables["hist_item"](shared["hist_item"]),
                    emb.seq_tables["hist_cat"](shared["hist_cat"])]  # (1, L, item), (1, L, cat)
-        pos = self._positions(shared["hist_pos"])  # (1, L+1, pos_dim)
+        pos = self._positions(shared["hist_dt"], shared["hist_mask"])  # (1, L+1, pos_dim)
         if pos is not None:
             context.append(pos[:, :-1])
         block = self.blocks[0]

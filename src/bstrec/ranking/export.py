@@ -4,7 +4,8 @@ Notation: B batch (candidates), L history length, M multi-hot width.
 
 The exported graph takes the batch contract (training/tensors.py) as named inputs, in the order
 :func:`model_inputs` gives: every feature of the spec ((B,) int64, or (B, M) int64 for multi-hot),
-then ``hist_item``, ``hist_cat``, ``hist_pos`` (B, L) int64 and ``hist_mask`` (B, L) bool; it
+then ``hist_item``, ``hist_cat``, ``hist_dt`` (B, L) int64 (``hist_dt`` in seconds: the graph
+buckets it with the model's own ``time_buckets``) and ``hist_mask`` (B, L) bool; it
 returns ``logits`` (B,) float32. B and M are dynamic; L is the spec's ``max_len``. The feature spec
 travels in the file's metadata (``bstrec.spec``). Inputs a model ignores (Wide&Deep's history)
 stay declared, so that every exported ranker is fed the same way.
@@ -97,7 +98,7 @@ def example_batch(spec: FeatureSpec, batch: int = 3, multi_width: int = 2) -> di
     mask[:, L // 2:] = True
     for name in ("hist_item", "hist_cat"):
         b[name] = torch.where(mask, 2, 0)
-    b["hist_pos"] = torch.where(mask, 3, 0)
+    b["hist_dt"] = torch.where(mask, 3600, 0)
     b["hist_mask"] = mask
     return b
 

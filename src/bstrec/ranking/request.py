@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from bstrec.features.spec import FeatureSpec
 
 Batch = dict[str, Tensor]
-SEQUENCE_INPUTS = ("hist_item", "hist_cat", "hist_pos", "hist_mask")
+SEQUENCE_INPUTS = ("hist_item", "hist_cat", "hist_dt", "hist_mask")
 
 
 def item_names(spec: FeatureSpec) -> tuple[str, ...]:

@@ -6,10 +6,11 @@ Notation: B batch, L history length (``spec.max_len``), M multi-hot width, D out
 
 The graph takes the user-side columns of the batch contract that ``TwoTower.encode_users``
 reads, in the order :func:`user_tower_inputs` gives: the model's ``user_features`` ((B,) int64,
-or (B, M) int64 for multi-hot), then ``hist_item``, ``hist_cat``, ``hist_pos`` (B, L) int64 and
-``hist_mask`` (B, L) bool; it returns ``user_vectors`` (B, D) float32. B and M are dynamic; L is
-the spec's ``max_len``. ``hist_pos`` stays declared when the model ignores it (``use_time``
-off), so that every user tower is fed the same way. The metadata (ranking/export.py's
+or (B, M) int64 for multi-hot), then ``hist_item``, ``hist_cat``, ``hist_dt`` (B, L) int64 (seconds; the
+graph buckets them with the model's ``time_buckets``) and ``hist_mask`` (B, L) bool; it returns
+``user_vectors`` (B, D) float32. B and M are dynamic; L is the spec's ``max_len``. ``hist_dt``
+stays declared when the model ignores it (``use_time`` off), so that every user tower is fed the
+same way. The metadata (ranking/export.py's
 ``export_graph``) holds the feature spec, the model's config and ``bstrec.graph = user_tower``.
 """
 

@@ -5,7 +5,8 @@ Notation: B batch, L history length (``spec.max_len``), d token width, D output 
 
 User tower:
 1. each behaviour is a token: item-id + category + time-difference bucket embeddings, summed
-   (the same buckets as BST's positions: features/timebuckets.py); a learned summary token is
+   (``hist_dt`` seconds bucketed here into the config's ``time_buckets``, as BST's positions:
+   features/timebuckets.py); a learned summary token is
    appended after the most recent behaviour, so a user with no history still has one token;
 2. ``encoder="mean"`` (default): the mean of the behaviour tokens and the most recent one (the
    order enters through the time buckets and the recency slot); ``"transformer"``: Transformer
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bstrec.features.spec import OOV, FeatureSpec
-from bstrec.features.timebuckets import N_TIME_BUCKETS
+from bstrec.features.timebuckets import N_TIME_BUCKETS, TimeBuckets
 from bstrec.nn.embeddings import FeatureEmbeddings, masked_mean
 from bstrec.nn.mlp import MLP
 from bstrec.nn.transformer import TransformerBlock
@@ -60,6 +61,8 @@ class TwoTowerConfig:
     item_id_dropout: float = 0.1
     normalize: bool = True  # cosine scores; the temperature of the loss sets their sharpness
     init_std: float = 0.05
+    # log2-spaced buckets of hist_dt (use_time): the last one takes every dt from
+    # 2^(time_buckets-2) - 1 seconds on
     time_buckets: int = N_TIME_BUCKETS
 
     def __post_init__(self) -> None:
@@ -71,6 +74,9 @@ class TwoTowerConfig:
             raise ValueError("dropout rates must be in [0, 1)")
         if self.dim < 1 or self.token_dim < 1 or self.feat_dim < 1:
             raise ValueError("widths must be >= 1")
+        if self.time_buckets < 2:
+            raise ValueError(f"time_buckets must be >= 2 (padding and dt = 0), got "
+                             f"{self.time_buckets}")
 
 
 def _sub_spec(spec: FeatureSpec, names: list[str]) -> FeatureSpec:
@@ -87,6 +93,7 @@ class TwoTower(nn.Module):
         self.item_emb = nn.Embedding(spec.vocab_size("item_id"), d, padding_idx=0)
         self.cat_emb = nn.Embedding(spec.vocab_size("category"), d, padding_idx=0)
         self.time_emb = nn.Embedding(c.time_buckets, d, padding_idx=0) if c.use_time else None
+        self.buckets = TimeBuckets(c.time_buckets) if c.use_time else None
         self.summary = nn.Parameter(torch.zeros(1, 1, d))
         for t in (self.item_emb, self.cat_emb, self.time_emb):
             if t is not None:
@@ -124,8 +131,8 @@ class TwoTower(nn.Module):
         """Batch contract (history, profile, context; never the target) -> (B, D)."""
         mask = batch["hist_mask"]  # (B, L)
         tok = self.item_emb(batch["hist_item"]) + self.cat_emb(batch["hist_cat"])  # (B, L, d)
-        if self.time_emb is not None:
-            tok = tok + self.time_emb(batch["hist_pos"])
+        if self.time_emb is not None and self.buckets is not None:
+            tok = tok + self.time_emb(self.buckets(batch["hist_dt"], mask))
         B = tok.shape[0]
         if self.config.encoder == "transformer":
             x = torch.cat([tok, self.summary.expand(B, -1, -1)], 1)  # (B, L+1, d)

@@ -8,6 +8,13 @@ and the old one keeps serving.
 
 Routes are under fixed paths (``/recommend``, ``/events``, ...), so a static page can be mounted
 at ``/`` (``Settings.static_dir``) without hiding any of them.
+
+Hostile input: every error answer is either ``schemas.Error`` (``{"detail": "..."}``) or FastAPI's
+validation error (422, ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``), and each
+route's OpenAPI entry lists the statuses it can answer. Unknown query parameters are 422 (a
+typo such as ``kk=5`` would otherwise be served with the default silently). Bodies are limited
+however they are framed (Content-Length or chunked), and a write route checks its key before it
+reads a byte of the body.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime,
@@ -19,16 +26,20 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
+from starlette.routing import BaseRoute, Match, Mount
 
 import bstrec
 from bstrec.data.schema import Dataset
@@ -37,7 +48,14 @@ from bstrec.serving import schemas
 from bstrec.serving.bundle import BundleError, load_bundle
 from bstrec.serving.guard import StoreGuard
 from bstrec.serving.metrics import Metrics
-from bstrec.serving.pipeline import IncomingEvent, NotFound, Pipeline, RequestError
+from bstrec.serving.pipeline import (
+    MAX_ID_CHARS,
+    EventsRefused,
+    IncomingEvent,
+    NotFound,
+    Pipeline,
+    RequestError,
+)
 from bstrec.serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +65,15 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
                    Awaitable[None]]
 T = TypeVar("T")
 JSON = "application/json"
+# `now` of /recommend: unix seconds up to 2100-01-01; far larger values overflowed the int64
+# time arithmetic (a 500), and a replay time past 2100 is a caller's mistake
+MAX_NOW = 4_102_444_800
+# an integer id as the bundle's integer vocabularies take it (int64 without the last digit);
+# [0-9], not \d, which takes other scripts' digits too
+INT_ID = r"^-?[0-9]{1,18}$"
+# On a refusal before the body was read: uvicorn then closes the connection after the answer
+# instead of reading (and dropping) the rest of the body to keep the connection alive
+CLOSE = {"Connection": "close"}
 
 
 def settle_heap() -> None:
@@ -91,7 +118,7 @@ class Service:
         bundle = load_bundle(path, verify=self.settings.verify_bundle,
                              ort_threads=self.settings.ort_threads)
         try:
-            pipeline = Pipeline(bundle, self.guard)
+            pipeline = Pipeline(bundle, self.guard, max_future_s=self.settings.max_future_s)
             pipeline.warmup()
         except Exception as exc:
             raise BundleError(f"{path}: the bundle loads but does not serve: {exc}") from exc
@@ -173,9 +200,21 @@ class _MetricsMiddleware:
             self.metrics.latency.labels(method, name).observe(time.perf_counter() - started)
 
 
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a body passes the limit: FastAPI lets an HTTPException from
+    reading the body through (any other exception there becomes a 400), and the exception
+    middleware answers it as any other HTTPException."""
+
+    def __init__(self, max_bytes: int, what: str) -> None:
+        super().__init__(status.HTTP_413_CONTENT_TOO_LARGE,
+                         f"request body of {what} is over the limit of {max_bytes}",
+                         headers=CLOSE)
+
+
 class _BodyLimitMiddleware:
-    """413 for a request whose Content-Length is over ``max_bytes``, before its body is read
-    (plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
+    """413 for a request whose body is over ``max_bytes``: at once when its Content-Length says
+    so, else (chunked) as soon as the bytes read pass it, so that no body is read whole (plain
+    ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -183,20 +222,133 @@ class _BodyLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
-        if scope["type"] == "http":
-            length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = JSONResponse(
-                    {"detail": f"request body of {length.decode()} bytes is over the limit of "
-                     f"{self.max_bytes}"}, status.HTTP_413_CONTENT_TOO_LARGE)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(_BodyTooLarge(self.max_bytes, f"{length.decode()} bytes"),
+                               scope, receive, send)
+            return
+        read = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes, f"at least {read} bytes")
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _BodyTooLarge as exc:  # read outside FastAPI's body parsing
+            if started:
+                raise
+            await self._refuse(exc, scope, receive, send)
+
+    @staticmethod
+    async def _refuse(exc: _BodyTooLarge, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                      send: Callable[[Message], Awaitable[None]]) -> None:
+        response = JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+        await response(scope, receive, send)
+
+
+KeyCheck = Callable[[str | None], None]
+Responses = dict[int | str, dict[str, Any]]
+
+
+def key_check(keys: list[SecretStr | None], what: str, setting: str) -> KeyCheck:
+    """A check of an X-API-Key header value against the configured ``keys``: 401 without a
+    key, 403 for a wrong one, 403 when none is configured (``what`` is then closed)."""
+    # an empty key would let in a caller who sends an empty header: as good as none
+    accepted = [k.get_secret_value().encode() for k in keys if k is not None and len(k)]
+
+    def check(key: str | None) -> None:
+        if not accepted:
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                f"{what} disabled: the server has no key for it ({setting})")
+        if key is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send X-API-Key",
+                                headers={"WWW-Authenticate": "X-API-Key"})
+        given = key.encode()
+        # every key compared, so that the time taken does not tell which one matched
+        matched = [secrets.compare_digest(given, k) for k in accepted]
+        if not any(matched):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid API key")
+
+    return check
+
+
+def key_first(check: KeyCheck) -> type[APIRoute]:
+    """A route class whose requests pass ``check`` before their body is read: FastAPI reads and
+    parses a body before it solves any dependency, so a key checked by a dependency alone
+    comes after the whole body was read from a caller who has no key."""
+
+    class KeyFirstRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def checked(request: Request) -> Response:
+                try:
+                    check(request.headers.get("x-api-key"))
+                except HTTPException as exc:
+                    exc.headers = {**(exc.headers or {}), **CLOSE}
+                    raise
+                return await handler(request)
+
+            return checked
+
+    return KeyFirstRoute
+
+
+def error(description: str) -> dict[str, Any]:
+    return {"model": schemas.Error, "description": description}
+
+
+def validation(description: str) -> dict[str, Any]:
+    """A documented 422 in FastAPI's validation error schema (one shape for every 422)."""
+    return {"model": schemas.ValidationErrors, "description": description}
+
+
+class _PageMount(Mount):
+    """The static page at ``/``, for the paths no API route has: a wrong method on an API path
+    (OPTIONS /events) is then the router's 405 with the route's Allow header, not the page's
+    405 with GET, HEAD. Consulted only by requests no route matched in full."""
+
+    def __init__(self, directory: Path, routes: list[BaseRoute]) -> None:
+        from fastapi.staticfiles import StaticFiles
+
+        super().__init__("/", app=StaticFiles(directory=directory, html=True), name="static")
+        self.routes_before = list(routes)  # included routers too, hence matches(), not paths
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and any(r.matches(scope)[0] != Match.NONE
+                                           for r in self.routes_before):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+def id_constraints(kind: str) -> dict[str, Any]:
+    """Constraints of a user or item id parameter for a bundle whose ids are ``kind``: an id the
+    bundle could never know is refused by the documented schema, not by a rule it hides."""
+    if kind == "int":
+        return {"pattern": INT_ID, "description": "An integer id (this bundle's ids are integers)"}
+    return {"min_length": 1, "max_length": MAX_ID_CHARS}
 
 
 def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI:
     """The FastAPI app. Without ``service`` it builds one (bundle loaded, store opened and
-    seeded) and closes it at shutdown."""
+    seeded) and closes it at shutdown. The OpenAPI schema describes the ids of the bundle
+    served at start (integers or strings); a reload to a bundle of the other kind needs a
+    restart for the schema to follow."""
     own = service is None
     svc = service if service is not None else Service(settings)
     if own:
@@ -208,27 +360,60 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         if own:
             svc.close()
 
+    query_names: dict[str, frozenset[str]] = {}
+
+    async def known_query(request: Request) -> None:
+        """422 for a query parameter the route does not take: ``kk=5`` for ``k=5`` would
+        otherwise be answered with the default k, the typo unnoticed."""
+        route = request.scope.get("route")
+        if not request.query_params or not isinstance(route, APIRoute):
+            return
+        names = query_names.get(route.path_format)
+        if names is None:  # the route's documented query parameters, read once
+            ops = app.openapi()["paths"].get(route.path_format, {}).values()
+            names = query_names[route.path_format] = frozenset(
+                p["name"] for op in ops for p in op.get("parameters", []) if p["in"] == "query")
+        unknown = [k for k in dict.fromkeys(request.query_params.keys()) if k not in names]
+        if unknown:
+            takes = ", ".join(sorted(names)) or "no query parameters"
+            raise RequestValidationError([
+                {"type": "extra_forbidden", "loc": ("query", k), "input": request.query_params[k],
+                 "msg": f"unknown query parameter {k!r}: {route.path_format} takes {takes}"}
+                for k in unknown])
+
     app = FastAPI(title="bstrec", version=bstrec.__version__, lifespan=lifespan,
+                  dependencies=[Depends(known_query)],
                   description="Sequence-aware two-stage recommendations (match, pre-rank, BST "
                   "rank, rules) with an online feature store.")
     app.state.service = svc
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                              description="Required by POST /events and POST /admin/reload")
+    key_header = APIKeyHeader(
+        name="X-API-Key", auto_error=False,
+        description="POST /events: the events key; POST /admin/reload: the admin key; "
+        "GET /users/{user_id}/history: the read or the admin key (unless public_history)")
+    check_events = key_check([settings.events_secret()], "event writes are",
+                             "BSTREC_EVENTS_KEY or BSTREC_API_KEY")
+    check_admin = key_check([settings.admin_secret()], "admin is",
+                            "BSTREC_ADMIN_KEY or BSTREC_API_KEY")
+    check_read = key_check([settings.read_key, settings.admin_secret()], "reading histories is",
+                           "BSTREC_READ_KEY, BSTREC_ADMIN_KEY or BSTREC_API_KEY; or "
+                           "BSTREC_PUBLIC_HISTORY=true")
 
-    async def require_key(key: Annotated[str | None, Depends(key_header)]) -> None:
-        expected = settings.api_key
-        if expected is None:
-            raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                "writes are disabled: the server has no API key (BSTREC_API_KEY)")
-        if key is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send X-API-Key",
-                                headers={"WWW-Authenticate": "X-API-Key"})
-        if not secrets.compare_digest(key.encode(), expected.get_secret_value().encode()):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid API key")
+    # The key checks as dependencies too: they put the key in the OpenAPI schema (the route
+    # classes have checked it already, before the body, so these pass at once).
+    async def events_key(key: Annotated[str | None, Depends(key_header)]) -> None:
+        check_events(key)
+
+    async def admin_key(key: Annotated[str | None, Depends(key_header)]) -> None:
+        check_admin(key)
+
+    async def read_key(key: Annotated[str | None, Depends(key_header)]) -> None:
+        check_read(key)
 
     @app.exception_handler(RequestError)
     async def bad_request(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+        return JSONResponse({"detail": [{"type": "value_error", "loc": ["request"],
+                                         "msg": str(exc)}]},
+                            status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -245,20 +430,26 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         return JSONResponse({"detail": f"bundle refused, still serving "
                              f"{svc.pipeline.version}: {exc}"}, status.HTTP_409_CONFLICT)
 
-    errors: dict[int | str, dict[str, Any]] = {
-        422: {"model": schemas.Error, "description": "Invalid input"}}
+    invalid: Responses = {422: validation("Invalid input: a parameter out of its documented range, or an "
+                               "unknown query parameter")}
+    keyed: Responses = {401: error("No X-API-Key"), 403: error("Wrong key, or no key configured for "
+                                                   "this route")}
+    body_errors: Responses = {400: error("The body could not be read (e.g. not UTF-8)"),
+                   413: error(f"Body over {settings.max_body_bytes} bytes")}
+    user_kind = svc.pipeline.bundle.user_id_type
+    item_kind = svc.pipeline.bundle.item_id_type
 
     class RecommendQuery(BaseModel):
         # one model for the query rather than a parameter each: FastAPI validates it in one
         # pydantic call instead of one per parameter (less framework work on the hot route);
         # the OpenAPI schema lists the same parameters
-        user_id: str = Field(min_length=1, max_length=256,
-                             description="An unknown user gets cold-start items")
+        user_id: str = Field(**(id_constraints(user_kind) | {
+            "description": "An unknown user gets cold-start items"}))
         k: int = Field(settings.k_default, ge=1, le=settings.k_max)
-        now: int | None = Field(None, ge=0, description="Request time, unix seconds (replays); "
-                                "default: the server clock")
+        now: int | None = Field(None, ge=0, le=MAX_NOW, description="Request time, unix seconds "
+                                "up to 2100-01-01 (replays); default: the server clock")
 
-    @app.get("/recommend", response_model=schemas.Recommendation, responses=errors,
+    @app.get("/recommend", response_model=schemas.Recommendation, responses=invalid,
              tags=["recommend"])
     async def recommend(query: Annotated[RecommendQuery, Query()]) -> Response:
         """Top k items for a user: match, pre-rank, BST rank, rules."""
@@ -273,32 +464,44 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
 
         return Response(await svc.run(run), media_type=JSON)
 
-    @app.get("/users/{user_id}/history", response_model=schemas.History, responses=errors,
-             tags=["recommend"])
-    async def history(user_id: str,
+    @app.get("/users/{user_id}/history", response_model=schemas.History,
+             dependencies=[] if settings.public_history else [Depends(read_key)],
+             responses=invalid | ({} if settings.public_history else keyed), tags=["recommend"])
+    async def history(user_id: Annotated[str, PathParam(**id_constraints(user_kind))],
                       n: Annotated[int, Query(ge=1, le=200)] = 20) -> schemas.History:
-        """The user's last n behaviours in the feature store, newest first."""
+        """The user's last n behaviours in the feature store, newest first. Needs the read or
+        the admin key unless the server runs with public_history."""
         pipeline = svc.pipeline
         return schemas.History.model_validate(await svc.run(lambda: pipeline.history(user_id, n)))
 
     @app.get("/items/{item_id}/similar", response_model=schemas.Similar,
-             responses={404: {"model": schemas.Error, "description": "Unknown item"}, **errors},
-             tags=["recommend"])
-    async def similar(item_id: str,
+             responses=invalid | {404: error("Unknown item")}, tags=["recommend"])
+    async def similar(item_id: Annotated[str, PathParam(**id_constraints(item_kind))],
                       k: Annotated[int, Query(ge=1, le=settings.k_max)] = settings.k_default
                       ) -> schemas.Similar:
         """Items similar to one item (item-CF, then two-tower neighbours, then its category)."""
         pipeline = svc.pipeline
         return schemas.Similar.model_validate(await svc.run(lambda: pipeline.similar(item_id, k)))
 
-    @app.post("/events", response_model=schemas.IngestResult, dependencies=[Depends(require_key)],
-              responses={413: {"model": schemas.Error, "description": "Batch too large"},
-                         503: {"model": schemas.Error, "description": "Store unavailable"},
-                         **errors}, tags=["events"])
+    events_router = APIRouter(route_class=key_first(check_events))
+
+    @events_router.post(
+        "/events", response_model=schemas.IngestResult, dependencies=[Depends(events_key)],
+        responses=keyed | body_errors | {
+            413: error(f"Body over {settings.max_body_bytes} bytes, or more than "
+                       f"{settings.max_batch_events} events: split it"),
+            422: validation(
+                "Invalid body, or events the schema cannot judge: an item neither the bundle "
+                "nor the store knows, an id that is not an integer where the bundle's ids are, "
+                f"a timestamp over {settings.max_future_s} s ahead of the server clock. Each "
+                "error's loc names the event (body, events, index, field) and msg says why; "
+                "nothing of the request was stored"),
+            503: error("Feature store unavailable (Retry-After)")}, tags=["events"])
     async def events(body: Annotated[schemas.EventIn | schemas.EventBatch, Body(
             description="One event, or {\"events\": [...]}")]) -> schemas.IngestResult:
         """Record behaviours in the online feature store (atomic per user, idempotent by
-        event id); the next /recommend sees them."""
+        event id; late and out-of-order events are stored in timestamp order); the next
+        /recommend sees them. All or nothing: a request with a refused event stores none."""
         batch = body.events if isinstance(body, schemas.EventBatch) else [body]
         if len(batch) > settings.max_batch_events:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
@@ -308,9 +511,14 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         pipeline = svc.pipeline
         try:
             result = await svc.run(lambda: pipeline.ingest(incoming))
-        except RequestError:
+        except EventsRefused as exc:
             svc.metrics.events.labels("rejected").inc(len(batch))
-            raise
+            where: tuple[str | int, ...] = (
+                ("body", "events") if isinstance(body, schemas.EventBatch) else ("body",))
+            raise RequestValidationError([
+                {"type": "value_error", "msg": why,
+                 "loc": (*where, n, field) if len(where) == 2 else (*where, field)}
+                for n, field, why in exc.problems]) from None
         except StoreUnavailable:
             svc.metrics.events.labels("unavailable").inc(len(batch))
             raise
@@ -318,25 +526,48 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         svc.metrics.events.labels("ignored").inc(result.ignored)
         return schemas.IngestResult.model_validate(result)
 
-    @app.post("/admin/reload", response_model=schemas.Reloaded,
-              dependencies=[Depends(require_key)],
-              responses={409: {"model": schemas.Error, "description": "Bundle refused"}},
-              tags=["admin"])
+    admin_router = APIRouter(route_class=key_first(check_admin))
+    root = settings.reload_root()
+
+    def under_root(raw: str) -> Path:
+        """``raw`` resolved (symlinks, ``..``), if it lies under the bundle root. The refusal is
+        the same whether the path outside exists or not: it must not tell the caller what is
+        on disk out there."""
+        try:
+            path = Path(raw).resolve()
+        except (OSError, ValueError, RuntimeError):  # NUL byte, symlink loop
+            path = None
+        if path is None or not path.is_relative_to(root):
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                f"bundles are loaded only from under the bundle root {root}")
+        return path
+
+    @admin_router.post(
+        "/admin/reload", response_model=schemas.Reloaded, dependencies=[Depends(admin_key)],
+        responses=keyed | body_errors | {
+            403: error("Wrong key, no admin key configured, or a bundle outside the bundle "
+                       "root"),
+            409: error("Bundle refused (missing, corrupted or not serving): the current one "
+                       "keeps serving")} | invalid, tags=["admin"])
     def reload(body: schemas.ReloadRequest | None = None) -> schemas.Reloaded:
         """Swap in a bundle atomically while requests are in flight; a broken bundle is
-        refused (409) and the current one keeps serving."""
-        path = Path(body.bundle) if body is not None and body.bundle else None
+        refused (409) and the current one keeps serving. ``bundle`` must lie under the bundle
+        root (``bundle_root``, default: the configured bundle's parent directory)."""
+        path = under_root(body.bundle) if body is not None and body.bundle else None
         previous, new, seconds = svc.reload(path)
         log.info("serving bundle %s (was %s), loaded in %.1f s", new.version, previous, seconds)
         return schemas.Reloaded(model_version=new.version, previous_version=previous,
                                 bundle=str(new.bundle.path), seconds=round(seconds, 3))
 
-    @app.get("/healthz", response_model=schemas.Health, tags=["ops"])
+    app.include_router(events_router)
+    app.include_router(admin_router)
+
+    @app.get("/healthz", response_model=schemas.Health, responses=invalid, tags=["ops"])
     async def healthz() -> schemas.Health:
         """Liveness: the process answers."""
         return schemas.Health(status="ok", pid=os.getpid())
 
-    @app.get("/readyz", response_model=schemas.Ready, tags=["ops"])
+    @app.get("/readyz", response_model=schemas.Ready, responses=invalid, tags=["ops"])
     def readyz() -> schemas.Ready:
         """Readiness: a bundle is loaded. 200 also while the store is down (requests are
         answered from fallbacks then); ``degraded`` and ``store`` say so."""
@@ -346,7 +577,9 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
                              bundle=str(pipeline.bundle.path),
                              store=schemas.StoreHealth.model_validate(store))
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
+    text: Responses = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses=text | invalid)
     def metrics() -> Response:
         """Prometheus exposition: requests, latency per route and stage, candidates per source."""
         svc.metrics.store_up.set(1.0 if svc.guard.status().ok else 0.0)
@@ -354,10 +587,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     if settings.static_dir is not None:
-        from fastapi.staticfiles import StaticFiles
-
-        app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static")
+        app.router.routes.append(_PageMount(settings.static_dir, app.router.routes))
     app.add_middleware(_BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(_MetricsMiddleware, metrics=svc.metrics)
     return app
-

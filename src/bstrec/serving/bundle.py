@@ -62,7 +62,9 @@ from bstrec.retrieval.two_tower import TwoTower
 from bstrec.serving.config import PipelineConfig
 from bstrec.serving.runtime import RankerRuntime, UserTowerRuntime
 
-FORMAT_VERSION = 1
+# 2: the ranker and user-tower graphs read hist_dt (seconds) and bucket it with their model's
+# time_buckets; version 1 graphs read hist_pos, buckets no request computes any more
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 RANKER = "ranker.onnx"
 RANKER_REQUEST = "ranker_request.onnx"

@@ -49,12 +49,23 @@ I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 STAGES = ("store", "features", "retrieve", "prerank", "rank_features", "rank", "rules")
 MAX_ID_CHARS = 256
-# Events stamped further than this in the future are refused (a clock or unit error: ms for s).
+# Events stamped further than this in the future are refused (a clock or unit error: ms for s);
+# the service sets its own (Settings.max_future_s)
 MAX_FUTURE_S = 86_400
 
 
 class RequestError(ValueError):
     """Bad input from a caller (HTTP 422): the message says what and where."""
+
+
+class EventsRefused(RequestError):
+    """Events of a batch that cannot be stored, all of them named: ``problems`` holds
+    (index in the batch, field, reason). Nothing of the batch is stored."""
+
+    def __init__(self, problems: list[tuple[int, str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"events[{n}].{f}: {why}" for n, f, why in problems)
+                         + " (nothing was stored)")
 
 
 class NotFound(LookupError):
@@ -170,10 +181,11 @@ class Pipeline:
     """
 
     def __init__(self, bundle: Bundle, guard: StoreGuard, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_future_s: int = MAX_FUTURE_S) -> None:
         self.bundle = bundle
         self.guard = guard
         self.clock = clock
+        self.max_future_s = max_future_s
         self.features = OnlineFeatures(bundle.vocabs, bundle.spec)
         # the catalogue's item inputs, from the bundle until a request reads the store's
         # version of them (_item_table)
@@ -347,10 +359,14 @@ class Pipeline:
         reasons: list[str] = []
         snapshot = self._snapshot(user, reasons, use_store=True)
         recent = list(reversed(snapshot.behaviours))[:n]
+        # the categories the ranker reads for these behaviours: the item table's, at the
+        # snapshot's item version
+        table = self._item_table(snapshot, reasons, use_store=True)
+        cats = table.category_names([b.item_id for b in recent])
         return History(user_id=user, degraded=bool(reasons), degraded_reasons=reasons,
                        behaviours=[HistoryItem(item_id=b.item_id, timestamp=b.timestamp,
-                                               category=b.category, title=self._title(b.item_id))
-                                   for b in recent])
+                                               category=c, title=self._title(b.item_id))
+                                   for b, c in zip(recent, cats, strict=True)])
 
     # --- similar items ------------------------------------------------------------------------
     def similar(self, item_id: object, k: int = 10) -> Similar:
@@ -396,34 +412,54 @@ class Pipeline:
     # --- events -------------------------------------------------------------------------------
     def ingest(self, events: Sequence[IncomingEvent], now: int | None = None) -> IngestResult:
         """Validate every event, then append them all (atomic per user, idempotent by event
-        id). Raises RequestError naming the bad events (nothing is stored then), and
-        StoreUnavailable when the store cannot take them."""
+        id). Raises EventsRefused naming every bad event and why (nothing is stored then), and
+        StoreUnavailable when the store cannot take them.
+
+        All or nothing, rather than storing the good part of a batch: a caller that ignores the
+        response body cannot mistake a refusal for success, and one that reads it resends the
+        batch without the named events (the stored ones would be ignored by event id anyway).
+        Late and out-of-order events are stored (the store orders a history by timestamp);
+        events further than ``max_future_s`` ahead of the clock are refused, and so are items
+        neither the bundle nor the store knows: the ranker could only see them as one unknown
+        token with no category, and an id typo would sit in the user's history; put new items
+        into the store first (``put_items``)."""
         ts_now = int(self.clock()) if now is None else int(now)
-        parsed: list[Event] = []
+        parsed: list[tuple[int, Event]] = []
+        problems: list[tuple[int, str, str]] = []
         for n, e in enumerate(events):
-            user = parse_id(e.user_id, self.bundle.user_id_type, f"events[{n}].user_id")
-            item = parse_id(e.item_id, self.bundle.item_id_type, f"events[{n}].item_id")
+            try:
+                user = parse_id(e.user_id, self.bundle.user_id_type, "user_id")
+            except RequestError as exc:
+                problems.append((n, "user_id", str(exc)))
+            try:
+                item = parse_id(e.item_id, self.bundle.item_id_type, "item_id")
+            except RequestError as exc:
+                problems.append((n, "item_id", str(exc)))
             ts = ts_now if e.timestamp is None else e.timestamp
             if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-                raise RequestError(f"events[{n}].timestamp must be unix seconds >= 0, got {ts!r}")
-            if ts > ts_now + MAX_FUTURE_S:
-                raise RequestError(f"events[{n}].timestamp {ts} is more than a day in the future "
-                                   "(unix seconds expected, not milliseconds)")
+                problems.append((n, "timestamp", f"timestamp must be unix seconds >= 0, got {ts!r}"))
+            elif ts > ts_now + self.max_future_s:
+                problems.append((n, "timestamp", f"timestamp {ts} is {ts - ts_now} s in the future "
+                                 f"(over {self.max_future_s} s ahead of the server clock; unix "
+                                 "seconds expected, not milliseconds)"))
+            if e.event_id is not None and len(e.event_id) > MAX_ID_CHARS:
+                problems.append((n, "event_id", f"event_id is longer than {MAX_ID_CHARS} "
+                                 "characters"))
+            if problems and problems[-1][0] == n:
+                continue
             eid = e.event_id or f"{user}:{item}:{ts}"
-            if len(eid) > MAX_ID_CHARS:
-                raise RequestError(f"events[{n}].event_id is longer than {MAX_ID_CHARS} characters")
-            cat = self._category(self.bundle.items.get(item))
-            parsed.append(Event(user, item, ts, eid, cat))
-        unknown = sorted({e.item_id for e in parsed if e.item_id not in self.bundle.items},
+            parsed.append((n, Event(user, item, ts, eid)))
+        unknown = sorted({e.item_id for _, e in parsed if e.item_id not in self.bundle.items},
                          key=str)
         if unknown:
             # items added to the store after the bundle was built are known too
             in_store = self.guard.call(lambda s: s.items(unknown))
-            unknown = [i for i in unknown if i not in in_store]
-        if unknown:
-            where = [n for n, e in enumerate(parsed) if e.item_id in set(unknown)]
-            raise RequestError(f"unknown item(s) {unknown[:10]} in events {where[:10]}: not in the "
-                               "catalogue (nothing was stored)")
-        flags = self.guard.call(lambda s: s.append_many(parsed)) if parsed else []
+            missing = set(unknown) - set(in_store)
+            problems += [(n, "item_id", f"unknown item {e.item_id!r}: not in the catalogue")
+                         for n, e in parsed if e.item_id in missing]
+        if problems:
+            raise EventsRefused(sorted(problems))
+        batch = [e for _, e in parsed]
+        flags = self.guard.call(lambda s: s.append_many(batch)) if batch else []
         stored = sum(flags)
-        return IngestResult(received=len(parsed), stored=stored, ignored=len(parsed) - stored)
+        return IngestResult(received=len(batch), stored=stored, ignored=len(batch) - stored)

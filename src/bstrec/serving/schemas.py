@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 Id = StrictInt | StrictStr
+# An id as a caller sends it: what the pipeline can parse (pipeline.parse_id: 1 to 256
+# characters, integers of at most 18 digits), so that the schema refuses the rest itself
+IdIn = (Annotated[StrictInt, Field(ge=-(10**18 - 1), le=10**18 - 1)]
+        | Annotated[StrictStr, Field(min_length=1, max_length=256)])
 
 
 class _Model(BaseModel):
@@ -63,9 +69,9 @@ class Similar(_Model):
 
 
 class EventIn(_Model):
-    user_id: Id
-    item_id: Id
-    timestamp: StrictInt | None = Field(None, description="Unix seconds; default: now")
+    user_id: IdIn
+    item_id: IdIn
+    timestamp: StrictInt | None = Field(None, ge=0, description="Unix seconds; default: now")
     event_id: StrictStr | None = Field(
         None, max_length=256, description="Idempotency key; default user:item:timestamp")
 
@@ -101,7 +107,8 @@ class Health(_Model):
 
 
 class ReloadRequest(_Model):
-    bundle: str | None = Field(None, description="Bundle directory; default: the configured one")
+    bundle: str | None = Field(None, max_length=4096, description="Bundle directory, under the "
+                               "server's bundle root; default: the configured one")
 
 
 class Reloaded(_Model):
@@ -113,3 +120,20 @@ class Reloaded(_Model):
 
 class Error(_Model):
     detail: str
+
+
+class ValidationIssue(BaseModel):
+    """One item of FastAPI's validation error (its ``ValidationError`` schema): where (``loc``,
+    e.g. ``["body", "events", 3, "item_id"]``), why (``msg``) and a machine-readable ``type``."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+    input: Any = None
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrors(BaseModel):
+    """Every 422: FastAPI's validation error body, the service's own refusals included."""
+
+    detail: list[ValidationIssue]

@@ -13,6 +13,7 @@ from types import TracebackType
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 from uvicorn.supervisors import Multiprocess
 
 from bstrec.serving.settings import Settings
@@ -73,9 +74,11 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
 
 
 def settings_json(settings: Settings) -> str:
-    """``settings`` as JSON, the API key included (pydantic masks secrets when it dumps)."""
+    """``settings`` as JSON, the keys included (pydantic masks secrets when it dumps)."""
     data = settings.model_dump(mode="json")
-    data["api_key"] = None if settings.api_key is None else settings.api_key.get_secret_value()
+    for name, value in settings:
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
     return json.dumps(data)
 
 

@@ -28,8 +28,23 @@ class Settings(BaseSettings):
     # seeding at start: the bundle's item table, and optionally a samples dir's event log
     seed_items: bool = True
     seed_events: Path | None = None
-    # write and admin endpoints (POST /events, POST /admin/reload) need this key
+    # Keys (X-API-Key). Separate scopes, so that the key handed to every event producer cannot
+    # swap the model: POST /events takes ``events_key``, POST /admin/reload ``admin_key``, each
+    # falling back to ``api_key`` (one key for both, as before) when unset; a scope without
+    # any key is closed (403). GET /users/{id}/history shows what a user did, so it takes
+    # ``read_key`` or the admin key unless ``public_history`` (the web page sends its key field).
     api_key: SecretStr | None = None
+    events_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    read_key: SecretStr | None = None
+    public_history: bool = False
+    # POST /admin/reload loads bundles only from under this directory (symlinks and `..`
+    # resolved first); None: the configured bundle's parent directory
+    bundle_root: Path | None = None
+    # events stamped further ahead of the server clock than this are refused: producers' clocks
+    # drift by seconds, while milliseconds sent as seconds or local time sent as UTC land far
+    # ahead and would sit at the newest end of a history for hours or forever
+    max_future_s: int = Field(300, ge=0)
     # limits
     k_default: int = Field(10, ge=1)
     k_max: int = Field(100, ge=1)
@@ -61,6 +76,17 @@ class Settings(BaseSettings):
         if self.k_default > self.k_max:
             raise ValueError(f"k_default {self.k_default} is over k_max {self.k_max}")
         return self
+
+    def events_secret(self) -> SecretStr | None:
+        return self.events_key or self.api_key
+
+    def admin_secret(self) -> SecretStr | None:
+        return self.admin_key or self.api_key
+
+    def reload_root(self) -> Path:
+        """The directory reload may load bundles from, symlinks and `..` resolved."""
+        root = self.bundle_root if self.bundle_root is not None else self.bundle.resolve().parent
+        return root.resolve()
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(backend=self.store, path=self.store_path, url=self.redis_url,

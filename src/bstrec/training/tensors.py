@@ -6,8 +6,9 @@ A split is loaded once into a dict of tensors (the batch contract every ranker r
 - ``<feature>``: (N, M) long for each multi-hot feature, 0-padded on the right;
 - ``hist_item``, ``hist_cat``: (N, L) long, RIGHT-aligned: the most recent behaviour sits at
   index L-1, padding (0) on the left, so that the target appended after it is always at L;
-- ``hist_dt``: (N, L) long seconds between sample and behaviour (0 at padding);
-- ``hist_pos``: (N, L) long time-difference buckets (see features/timebuckets.py; 0 = padding);
+- ``hist_dt``: (N, L) long seconds between sample and behaviour (0 at padding); a model that
+  reads time differences buckets them itself, with its config's ``time_buckets``
+  (features/timebuckets.py), so no bucket count is fixed here;
 - ``hist_mask``: (N, L) bool, True where a behaviour is present;
 - ``label``: (N,) float.
 
@@ -24,7 +25,6 @@ import polars as pl
 import torch
 
 from bstrec.features.spec import FeatureSpec
-from bstrec.features.timebuckets import time_bucket_np
 
 Batch = dict[str, torch.Tensor]
 
@@ -65,14 +65,13 @@ def pad_flat(lengths: np.ndarray, flat: np.ndarray, width: int, *, right_align: 
 def history_tensors(lengths: np.ndarray, hist_item: np.ndarray, hist_cat: np.ndarray,
                     hist_dt: np.ndarray, max_len: int) -> Batch:
     """Histories as lengths (N,) and flat values -> the contract's right-aligned ``hist_*``
-    (N, L) tensors, mask and time buckets."""
+    (N, L) tensors and mask."""
     L = max_len
     t: Batch = {name: torch.from_numpy(pad_flat(lengths, flat.astype(np.int64), L, right_align=True))
                 for name, flat in (("hist_item", hist_item), ("hist_cat", hist_cat),
                                    ("hist_dt", hist_dt))}
     mask = np.arange(L)[None, :] >= (L - np.minimum(lengths, L))[:, None]
     t["hist_mask"] = torch.from_numpy(mask)
-    t["hist_pos"] = torch.from_numpy(np.where(mask, time_bucket_np(t["hist_dt"].numpy()), 0))
     return t
 
 
