@@ -64,12 +64,13 @@ class BSTConfig:
     pos_dim: int = 16  # token part from the position (absent when position="none")
     embed_dim: int = 16  # width of each other feature's embedding
     # Init scale of the token tables (item, category, position). 1.0 makes the attention learn
-    # target/behaviour matches sooner on synthetic tasks, but one epoch of ML-1M gave valid AUC
-    # 0.722 with 1.0 against 0.737 with 0.05 (the scale every other table starts at).
+    # target/behaviour matches sooner on synthetic tasks, but was below 0.05 (the scale every
+    # other table starts at) on ML-1M valid.
     token_init_std: float = 0.05
     # Init scale of the other features' table. torch-rechub starts every table at std 1e-4 (an
     # id seen rarely then stays near zero, not random); on ML-1M valid that, with the tokens at
-    # 1e-4 too, gave 0.7445 against 0.7463 at 0.05 (tune_bst.py, target_bn_init vs target_bn).
+    # 1e-4 too, was below 0.05 (trial target_bn_init against target_bn in
+    # benchmarks/results/tune_bst_ml1m-ctr.json).
     embed_init_std: float = 0.05
     position: Position = "time"  # time-difference bucket | index in sequence | sin/cos | none
     blocks: int = 1
@@ -82,15 +83,17 @@ class BSTConfig:
     mlp_dropout: float = 0.0
     # Training only: each behaviour is left out of the sequence (as if padding) with this
     # probability, so that the model does not lean on any one entry of the history. On ML-1M
-    # valid 0.2 gave 0.7445 as without, mean of 3 seeds (tune_bst.py, target_bn_hdrop).
+    # valid 0.2 was level with none (trial target_bn_hdrop in
+    # benchmarks/results/tune_bst_ml1m-ctr.json).
     history_dropout: float = 0.0
     # the paper's MLP has no normalisation; "batch" is what torch-rechub's MLPs do
     mlp_norm: Norm = "none"
     # Not in the paper: a linear term over the other features' embeddings added to the logit,
     # the "wide" part of torch-rechub's WideDeep (a linear model over the same embeddings the
     # MLP reads), so that additive effects of user, item and context need not pass the MLP. On
-    # ML-1M valid, with target_bn, 0.7436 against 0.7445 without (3 seeds; tune_bst.py
-    # target_bn_wide). Serving scores such a model on the broadcast batch (no request sharing).
+    # ML-1M valid it did not help target_bn (trial target_bn_wide in
+    # benchmarks/results/tune_bst_ml1m-ctr.json). Serving scores such a model on the broadcast
+    # batch (no request sharing).
     wide: bool = False
     crosses: tuple[tuple[str, str], ...] | None = None  # None: gender x category if in the spec
     # log2-spaced buckets of hist_dt (position="time"): the last one takes every dt from

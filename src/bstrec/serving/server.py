@@ -57,8 +57,8 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
                             log_level=log_level, access_log=False)
     # Our own listening socket, not uvicorn's (Config.bind_socket): that one has protocol 0,
     # which the workers' connections inherit, and asyncio sets TCP_NODELAY only on IPPROTO_TCP
-    # sockets; every response then waited for Nagle and a delayed ACK (about 40 ms a request
-    # on loopback, measured with benchmarks/bench_serving.py).
+    # sockets; every response then waited for Nagle and a delayed ACK (seen as a fixed delay
+    # per request on loopback in benchmarks/bench_serving.py).
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:

@@ -60,10 +60,10 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     # requests that run the pipeline at once in a worker, on threads of their own (the others
     # wait in its event loop); more threads of one process only take turns on the GIL. 0 (the
-    # default): on the event loop itself, which saves the hand-over to a thread and back (0.15
-    # and 1.5 ms of server CPU per request on the ML-1M bundle in two side-by-side pairs of
-    # benchmarks/bench_serving.py --levels 4 with BSTREC_REQUEST_THREADS=1 and 0), while a
-    # worker can run only one request at a time either way
+    # default): on the event loop itself, which saves the hand-over to a thread and back (server
+    # CPU per request; compare with benchmarks/bench_serving.py --levels 4 under
+    # BSTREC_REQUEST_THREADS=1 and 0, side by side), while a worker can run only one request at
+    # a time either way
     request_threads: int = Field(0, ge=0)
     verify_bundle: bool = True  # check every file's sha256 at load
     # the web page mounted at / (API routes take precedence); None: no page
