@@ -35,7 +35,9 @@ def test_data_build_and_stats_on_a_csv_log(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["protocol"] == "log-ctr"  # the file stem names a csv dataset
-    assert sum(manifest["splits"].values()) == 400 * 3  # each positive with two negatives
+    # each positive with two negatives, but the first event's: nothing precedes it to draw from
+    assert sum(manifest["splits"].values()) == 400 * 3 - 2
+    assert manifest["negatives_not_drawn"]["empty_catalogue"] == 2
     assert manifest["config"]["negatives"] == 2
     res = runner.invoke(app, ["data", "stats", str(out)])
     assert res.exit_code == 0, res.output
@@ -78,16 +80,34 @@ def test_quickstart_without_data_dir_falls_back_to_synthetic(
     out = tmp_path / "qs"
     res = runner.invoke(app, ["quickstart", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "synthetic-order" in res.output
+    text = " ".join(res.output.split())  # the console wraps lines at its width
+    assert "synthetic-order" in text
     report = (out / "report.md").read_text()
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
     assert manifest["protocol"] == "synthetic-order"
     assert f"{manifest['splits']['train']:,}" in report
-    # trained, evaluated on test (with the references), served: one recommendation came back
+    # the match stage was trained and bundled: a two-tower beside item-CF and popularity
+    assert (out / "two_tower" / "best").is_dir() and (out / "bundle" / "two_tower").is_dir()
+    # trained, evaluated on test, compared with each reference in one line
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["n_test"] == manifest["splits"]["test"] and "bst" in metrics["models"]
     assert "## Evaluation (test split)" in report and "reference: rate_lr" in report
-    assert "## Serving" in report and ("item_cf" in report or "popular" in report)
+    verdict = next(line for line in report.splitlines() if line.startswith("BST test AUC"))
+    assert "item rate (ref. a)" in verdict and "rate LR (ref. b)" in verdict
+    assert verdict in text
+    # served: the user's recent history beside recommendations from at least two sources
+    section = report.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| # ")]
+    assert len(rows) == 10 and all(r[1] for r in rows), "ten recent behaviours"
+    assert all(r[2] and r[4] for r in rows), "ten recommendations, each with its sources"
+    sources = {s.strip() for r in rows for s in r[4].split(",")}
+    assert len(sources & {"two_tower", "item_cf", "popular"}) >= 2, sources
+    assert "sources among the 10 recommendations" in text
+    # every stage timed, and the total
+    assert "## Time per stage" in report and "training the two-tower retriever" in report
+    for stage in ("training the BST ranker", "building the bundle", "serving", "total"):
+        assert stage in text
     assert str((out / "report.md").resolve()) in res.output.replace("\n", "")
 
 

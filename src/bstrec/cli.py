@@ -142,11 +142,16 @@ def quickstart(
     data_dir: DataDirOpt = None,
     out: Annotated[Path, typer.Option(help="Where artifacts and the report go")] = Path(
         "artifacts/quickstart"),
+    user: Annotated[str | None, typer.Option(
+        help="Whose history and recommendations to show (default: the user with the median "
+        "event count among the test split's users)")] = None,
 ) -> None:
-    """Build data end to end on ML-1M when DATA_DIR holds it, else on the synthetic generator."""
+    """End to end on ML-1M when DATA_DIR holds it, else on the synthetic generator: samples,
+    two-tower and item-CF retrieval, a BST ranker checked against the count-based references,
+    and the service answering one user's history and recommendations; times per stage."""
     from bstrec.quickstart import run_quickstart
 
-    run_quickstart(data_dir, out, console, stages)
+    run_quickstart(data_dir, out, console, stages, user=user)
 
 
 train_app = typer.Typer(help="Train models on built samples.", no_args_is_help=True)
@@ -285,9 +290,22 @@ def serve(
         help="Load this samples folder's event log into the store at start")] = None,
     static_dir: Annotated[Path | None, typer.Option(
         help="Folder of the web page served at / (default: the built-in page)")] = None,
+    bundle_root: Annotated[Path | None, typer.Option(
+        help="POST /admin/reload loads bundles only from under this folder (default: the "
+        "bundle's parent folder)")] = None,
+    public_history: Annotated[bool | None, typer.Option(
+        "--public-history/--protected-history",
+        help="Whether GET /users/{id}/history is open to anyone (the web page reads it without "
+        "a key) or needs the read or admin key (default: protected)")] = None,
+    max_future_s: Annotated[int | None, typer.Option(
+        help="Refuse events stamped more than this many seconds ahead of the server clock "
+        "(default 300)")] = None,
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn; OpenAPI at /docs). Every setting
-    can also come from the environment: BSTREC_API_KEY, BSTREC_K_MAX, BSTREC_STORE, ..."""
+    can also come from the environment: BSTREC_K_MAX, BSTREC_STORE, ... Keys come from the
+    environment only (a command line is visible to every user of the machine):
+    BSTREC_EVENTS_KEY (POST /events), BSTREC_ADMIN_KEY (POST /admin/reload), BSTREC_READ_KEY
+    (GET /users/{id}/history), BSTREC_API_KEY (events and admin where their own is unset)."""
     import os
     import secrets
     from typing import Any
@@ -299,11 +317,13 @@ def serve(
 
     given = {"bundle": bundle, "host": host, "port": port, "store": store,
              "redis_url": redis_url, "store_path": None if store_path is None else str(store_path),
-             "seed_events": seed_events, "static_dir": static_dir}
+             "seed_events": seed_events, "static_dir": static_dir, "bundle_root": bundle_root,
+             "public_history": public_history, "max_future_s": max_future_s}
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if not os.environ.get("BSTREC_API_KEY"):
+    if not any(os.environ.get(f"BSTREC_{k}_KEY") for k in ("API", "EVENTS", "ADMIN", "READ")):
         overrides["api_key"] = key = secrets.token_urlsafe(18)
-        console.print(f"no BSTREC_API_KEY set: POST /events and /admin/reload take X-API-Key: {key}")
+        console.print("no BSTREC_*_KEY set: POST /events, /admin/reload and GET "
+                      f"/users/{{id}}/history take X-API-Key: {key}")
     try:
         settings = Settings(**overrides)
         run(settings)

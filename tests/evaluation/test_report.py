@@ -9,7 +9,12 @@ import polars as pl
 import pytest
 
 from bstrec.evaluation.metrics import auc, rela_impr
-from bstrec.evaluation.report import evaluation_summary, history_buckets, write_report
+from bstrec.evaluation.report import (
+    attention_view,
+    evaluation_summary,
+    history_buckets,
+    write_report,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -142,3 +147,26 @@ def test_more_bootstrap_pairs(tmp_path: Path) -> None:
     assert alone["bootstrap"]["diff"] == pytest.approx(summary["bootstraps"][1]["diff"])
     md = (tmp_path / "report.md").read_text()
     assert "## AUC difference bst - din" in md and "## AUC difference din - WDL" in md
+
+
+def test_attention_view_drops_padding_and_keeps_the_target_row() -> None:
+    rng = np.random.default_rng(3)
+    att = rng.dirichlet(np.ones(5), size=(3, 5))  # (heads, L+1, L+1), rows sum to one
+    tokens = ["", "", "Heat (1995)", "Alien (1979)", "target: Brazil (1985)"]
+    mean, target, labels = attention_view(att, tokens)
+    assert labels == tokens[2:]
+    assert mean == pytest.approx(att[:, 2:, 2:].mean(axis=0))
+    assert target == pytest.approx(att[:, 4, 2:])
+    # no labels: positions, nothing dropped; one map: one head
+    mean1, target1, labels1 = attention_view(att[0], None)
+    assert labels1 == ["0", "1", "2", "3", "4"] and target1.shape == (1, 5)
+    assert mean1 == pytest.approx(att[0])
+    with pytest.raises(ValueError, match="tokens"):
+        attention_view(att, tokens[1:])
+
+
+def test_attention_plot_is_written_with_titles(tmp_path: Path) -> None:
+    att = np.random.default_rng(4).dirichlet(np.ones(21) * 50, size=(8, 21))
+    tokens = [f"A rather long movie title number {i} (1999)" for i in range(20)] + ["target: X"]
+    write_report(tmp_path, **make_case(), attention=att, attention_tokens=tokens)
+    assert (tmp_path / "attention.png").read_bytes()[:8] == PNG

@@ -53,7 +53,8 @@ def parse_runs(specs: Sequence[str]) -> dict[str, list[Path]]:
 def attention_of_one_user(model: nn.Module, test: pl.DataFrame, samples: SampleSet
                           ) -> tuple[npt.NDArray[np.float32], list[str]] | None:
     """First-block attention (heads, L+1, L+1) of the test sample with the longest history, and
-    token labels (behaviour item ids oldest first, then the target); None for non-BST models."""
+    token labels (behaviours oldest first, then the target: titles where the dataset has them,
+    else item ids; "" for padding); None for non-BST models."""
     maps = getattr(model, "attention_maps", None)
     if maps is None or test.height == 0:
         return None
@@ -64,11 +65,23 @@ def attention_of_one_user(model: nn.Module, test: pl.DataFrame, samples: SampleS
     with torch.no_grad():
         att = maps(batch)[0].numpy()  # (heads, L+1, L+1)
     items = samples.vocabs["item_id"].values
+    names = _titles(samples)
     L = samples.spec.max_len
     hist = batch["hist_item"][0].tolist()
-    tokens = ["" if i == 0 else ("oov" if i == 1 else str(items[i - 2])) for i in hist[-L:]]
-    tokens.append(f"target {one['item_id'][0]}")
+    tokens = ["" if i == 0 else ("oov" if i == 1 else names.get(items[i - 2], str(items[i - 2])))
+              for i in hist[-L:]]
+    target = one["item_id"][0]
+    tokens.append(f"target: {names.get(target, target)}")
     return att.astype(np.float32), tokens
+
+
+def _titles(samples: SampleSet) -> dict[Any, str]:
+    """Item id -> title where the dataset's item table has titles (MovieLens), else empty."""
+    items = samples.dataset.items if samples.dataset is not None else None
+    if items is None or "title" not in items.columns:
+        return {}
+    return {i: str(t) for i, t in zip(items["item_id"].to_list(), items["title"].to_list(),
+                                      strict=True) if t is not None}
 
 
 def evaluate_runs(samples_dir: str | Path, runs: Mapping[str, Sequence[str | Path]],

@@ -317,36 +317,57 @@ def _plot_calibration(summary: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _plot_attention(attention: npt.ArrayLike, tokens: Sequence[str] | None, path: Path) -> None:
-    from matplotlib.figure import Figure
-
+def attention_view(attention: npt.ArrayLike, tokens: Sequence[str] | None
+                   ) -> tuple[FloatArray, FloatArray, list[str]]:
+    """What the attention plot shows of (heads, L+1, L+1) maps (or one (L+1, L+1) map): the mean
+    over heads (T, T) and each head's row of the last token, the target (heads, T), over the T
+    tokens that are not padding (label ""), with their labels (positions when none are given)."""
     att = np.asarray(attention, dtype=np.float64)
     att = att[None] if att.ndim == 2 else att
     if att.ndim != 3 or att.shape[1] != att.shape[2]:
         raise ValueError(f"attention must be (heads, L+1, L+1), got shape {att.shape}")
-    heads, size = att.shape[0], att.shape[1]
-    if tokens is not None and len(tokens) != size:
-        raise ValueError(f"{len(tokens)} attention tokens for maps of size {size}")
-    cols = min(heads, 4)
-    rows = math.ceil(heads / cols)
-    cell = max(3.0, 0.28 * size)
-    fig = Figure(figsize=(cell * cols + 1, cell * rows + 0.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    image = None
-    for h, ax in enumerate(axes):
-        if h >= heads:
-            ax.set_axis_off()
-            continue
-        image = ax.imshow(att[h], vmin=0.0, vmax=float(att.max()), cmap="viridis")
-        ax.set_title(f"head {h}", fontsize=9)
-        if tokens is not None:
-            ax.set_xticks(np.arange(size), list(tokens), rotation=90, fontsize=6)
-            ax.set_yticks(np.arange(size), list(tokens), fontsize=6)
-        ax.set_xlabel("key (attended to)", fontsize=8)
-        ax.set_ylabel("query", fontsize=8)
-    if image is not None:
-        fig.colorbar(image, ax=list(axes[:heads]), shrink=0.8, label="attention weight")
-    fig.suptitle("Self-attention of one sample (behaviours oldest first, target last)")
+    size = att.shape[1]
+    labels = list(tokens) if tokens is not None else [str(i) for i in range(size)]
+    if len(labels) != size:
+        raise ValueError(f"{len(labels)} attention tokens for maps of size {size}")
+    # padding keys get no weight and padding queries attend to nothing real: both are left out
+    keep = np.array([i for i, t in enumerate(labels) if t != "" or i == size - 1])
+    att = att[:, keep][:, :, keep]
+    return att.mean(axis=0), att[:, -1, :], [labels[i] for i in keep]
+
+
+def _short(label: str, width: int = 32) -> str:
+    return label if len(label) <= width else label[:width - 1] + "…"
+
+
+def _plot_attention(attention: npt.ArrayLike, tokens: Sequence[str] | None, path: Path) -> None:
+    """Top: the mean over heads, query by key; bottom: what the target attends to, head by head.
+    Attention rows sum to one, so their weights sit in a narrow band; each panel's colours span
+    its own smallest to largest weight (a perceptual colormap, with a colourbar) so that the
+    differences show."""
+    from matplotlib.figure import Figure
+
+    mean, target, labels = attention_view(attention, tokens)
+    heads, size = target.shape
+    short = [_short(t) for t in labels]
+    cell = 0.32
+    fig = Figure(figsize=(cell * size + 4.5, cell * (size + heads) + 3.5), layout="constrained")
+    ax_map, ax_target = fig.subplots(2, 1, sharex=True, height_ratios=[size, max(heads, 2)])
+    for ax, data, label in ((ax_map, mean, "attention weight, mean over heads"),
+                            (ax_target, target, "attention weight of the target")):
+        image = ax.imshow(data, vmin=float(data.min()), vmax=float(data.max()), cmap="viridis",
+                          aspect="auto", interpolation="nearest")
+        fig.colorbar(image, ax=ax, label=label, shrink=0.9)
+    ax_map.set_yticks(np.arange(size), short, fontsize=7)
+    ax_map.set_ylabel("query (behaviours oldest first, target last)", fontsize=8)
+    ax_map.set_title("mean over heads", fontsize=9)
+    ax_target.set_yticks(np.arange(heads), [f"head {h}" for h in range(heads)], fontsize=7)
+    ax_target.set_title("the target's row, per head", fontsize=9)
+    ax_target.set_xticks(np.arange(size), short, rotation=60, ha="right", fontsize=7,
+                         rotation_mode="anchor")
+    ax_target.set_xlabel("key (attended to)", fontsize=8)
+    fig.suptitle(f"Self-attention of one test sample (first block); a uniform row would be "
+                 f"1/{size} = {1 / size:.4f} everywhere", fontsize=10)
     fig.savefig(path, dpi=120)
 
 
