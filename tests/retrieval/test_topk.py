@@ -19,6 +19,21 @@ def test_best_k_orders_by_score_then_by_the_smaller_position() -> None:
     assert np.isneginf(vals[0, 5:]).all()
 
 
+
+def test_best_k_ties_at_the_cut_go_to_the_smaller_positions() -> None:
+    # few distinct values over long rows: the k-th score is tied far beyond k, the case where
+    # argpartition alone keeps an arbitrary subset of the tied positions
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 4, size=(50, 3000)).astype(np.float32)
+    s[rng.random(s.shape) < 0.2] = -np.inf
+    for k in (1, 7, 100, 2999):
+        vals, pos = best_k(s, k)
+        for q in range(len(s)):
+            order = np.lexsort((np.arange(s.shape[1]), -s[q]))[:k]  # brute force
+            want = np.where(np.isneginf(s[q, order]), -1, order)
+            assert pos[q].tolist() == want.tolist(), (k, q)
+            assert vals[q].tolist() == s[q, order].tolist()
+
 def test_top_k_drops_reserved_and_excluded_ids() -> None:
     # ids 0 and 1 are reserved (padding, out of vocabulary) and never come back
     s = np.array([[9.0, 9.0, 4.0, 4.0, 7.0, 1.0]])

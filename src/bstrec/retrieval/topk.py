@@ -24,9 +24,22 @@ def best_k(scores: npt.NDArray[np.floating], k: int) -> tuple[npt.NDArray[np.flo
     Q, n = scores.shape
     kk = min(k, n)
     rows = np.arange(Q)[:, None]
-    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < n else \
-        np.broadcast_to(np.arange(n), (Q, n))
-    vals = scores[rows, part]
+    if kk < n:
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        vals = scores[rows, part]
+        # argpartition keeps an arbitrary subset of the values tied with the k-th: rows where
+        # it left some out take the tied ones by position (rare with float scores, so a loop)
+        kth = vals.min(axis=1)
+        short = ((scores == kth[:, None]).sum(1) > (vals == kth[:, None]).sum(1)) \
+            & (kth > -np.inf)
+        for q in np.flatnonzero(short):
+            above = np.flatnonzero(scores[q] > kth[q])
+            tied = np.flatnonzero(scores[q] == kth[q])[:kk - len(above)]
+            part[q] = np.concatenate([above, tied])
+            vals[q] = scores[q, part[q]]
+    else:
+        part = np.broadcast_to(np.arange(n), (Q, n))
+        vals = scores[rows, part]
     order = np.lexsort((part, -vals))  # by score, descending, then by position
     vals, pos = vals[rows, order], part[rows, order]
     pos = np.where(vals == -np.inf, -1, pos)

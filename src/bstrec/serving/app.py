@@ -74,6 +74,8 @@ INT_ID = r"^-?[0-9]{1,18}$"
 # On a refusal before the body was read: uvicorn then closes the connection after the answer
 # instead of reading (and dropping) the rest of the body to keep the connection alive
 CLOSE = {"Connection": "close"}
+# by number: Starlette renamed these two constants (RFC 9110's names), older releases lack them
+CONTENT_TOO_LARGE, UNPROCESSABLE_CONTENT = 413, 422
 
 
 def settle_heap() -> None:
@@ -206,7 +208,7 @@ class _BodyTooLarge(HTTPException):
     middleware answers it as any other HTTPException."""
 
     def __init__(self, max_bytes: int, what: str) -> None:
-        super().__init__(status.HTTP_413_CONTENT_TOO_LARGE,
+        super().__init__(CONTENT_TOO_LARGE,
                          f"request body of {what} is over the limit of {max_bytes}",
                          headers=CLOSE)
 
@@ -413,7 +415,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     async def bad_request(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": [{"type": "value_error", "loc": ["request"],
                                          "msg": str(exc)}]},
-                            status.HTTP_422_UNPROCESSABLE_CONTENT)
+                            UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -504,7 +506,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         /recommend sees them. All or nothing: a request with a refused event stores none."""
         batch = body.events if isinstance(body, schemas.EventBatch) else [body]
         if len(batch) > settings.max_batch_events:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+            raise HTTPException(CONTENT_TOO_LARGE,
                                 f"batch of {len(batch)} events is over the limit of "
                                 f"{settings.max_batch_events}; split it")
         incoming = [IncomingEvent(e.user_id, e.item_id, e.timestamp, e.event_id) for e in batch]
