@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, update_section, write_result
+from common import machine, now, timed, update_section, write_result
 from tune_bst import TRIALS
 
 GOAL_P99_MS, GOAL_CLIENTS = 20.0, 4
@@ -166,18 +166,6 @@ def int8_bundle(bundle: Path) -> Path:
 
 
 # --- the ranker's cost, offline -------------------------------------------------------------
-
-def timed(fn: Any, reps: int) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
-
 
 def matmul_peak(reps: int) -> dict[str, float]:
     """Achieved fp32 GFLOP/s of a 1024x1024 GEMM, median of ``reps``, torch at 1 and 2 threads

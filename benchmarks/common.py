@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import statistics
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,3 +72,15 @@ def rewrite_sections(prefix: str, protocols: list[str],
             continue
         update_section(f"{prefix}_{protocol}", section)
         print(f"{protocol}: rewrote its BENCHMARKS.md section from {path}")
+
+
+def timed(fn: Callable[[], Any], reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)

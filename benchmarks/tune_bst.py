@@ -7,7 +7,8 @@ bench_rank.py can test the chosen setting once. Trials are named model/train con
 overrides; a finished (trial, seed) run folder is reused, so the script can be stopped and
 started again, and new trials or seeds added. On ML-1M the seeds of one setting spread over
 about 0.003 of valid AUC (target_bn: 0.7463, 0.7441, 0.7429), as much as most trials differ
-by, so one seed does not rank them.
+by, so one seed does not rank them. Kept for its recorded results; for new selections use
+`bstrec train ranker --select` (bstrec.training.select).
 
     python benchmarks/tune_bst.py --protocol ml1m-ctr --trials paper target target_small
     python benchmarks/tune_bst.py --protocol ml1m-ctr --trials target_bn target_bn_wide --seeds 0 1 2

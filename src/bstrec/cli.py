@@ -61,7 +61,7 @@ def fail(message: str) -> typer.Exit:
 @data_app.command("build")
 def data_build(
     dataset: Annotated[str, typer.Option(help="ml-1m, ml-100k, taobao, amazon, synthetic-order, "
-                                         "csv or parquet")],
+                                         "synthetic-implicit, csv or parquet")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default artifacts/DATASET)")] = None,
     data_dir: DataDirOpt = None,
     input_path: Annotated[Path | None, typer.Option(
@@ -160,9 +160,11 @@ app.add_typer(train_app, name="train")
 
 @train_app.command("ranker")
 def train_ranker_cmd(
-    model: Annotated[str, typer.Option(help="Ranker to train: bst, din, wdl or wdl_seq")],
     samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`")],
-    out: Annotated[Path, typer.Option(help="Run folder: best/, last/ and train_result.json")],
+    out: Annotated[Path, typer.Option(help="Run folder: best/, last/ and train_result.json; "
+                                      "with --select, the selection folder")],
+    model: Annotated[str | None, typer.Option(
+        help="Ranker to train: bst, din, wdl or wdl_seq (required without --select)")] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML file with a `model:` and/or `train:` section")] = None,
     set_: Annotated[list[str] | None, typer.Option(
@@ -173,12 +175,70 @@ def train_ranker_cmd(
     resume: Annotated[bool, typer.Option(
         help="Continue the run in --out from its last checkpoint (its configs are the "
         "defaults)")] = False,
+    select: Annotated[bool, typer.Option(
+        "--select", help="Model selection on the valid split: train a grid of trials (default: "
+        "16 BST cells and the wdl, wdl_seq, din baselines) over --seeds into OUT/runs, choose "
+        "the best mean valid AUC, copy its checkpoint to OUT/selected (see "
+        "bstrec.training.select); finished runs are reused")] = False,
+    seeds: Annotated[list[int] | None, typer.Option(
+        help="With --select: the seeds of every trial, repeatable (default: 0)")] = None,
+    grid: Annotated[Path | None, typer.Option(
+        help="With --select: YAML grid file (`trials:` of name, model, model_overrides, "
+        "train_overrides) replacing the default grid")] = None,
+    baselines: Annotated[bool, typer.Option(
+        help="With --select: add the wdl, wdl_seq and din baselines to the grid")] = True,
 ) -> None:
-    """Train a ranker; early-stops on valid AUC and keeps the best epoch in OUT/best."""
+    """Train a ranker; early-stops on valid AUC and keeps the best epoch in OUT/best.
+
+    With --select, train a grid of trials instead and keep the best (on valid AUC) in
+    OUT/selected."""
     from rich.table import Table
 
     from bstrec.training.task import train_ranker
 
+    if select:
+        from bstrec.training.select import default_grid, load_grid, selection_rows, with_baselines
+        from bstrec.training.select import select as run_selection
+
+        if set_:
+            raise fail("--set does not go with --select: the grid decides the model configs "
+                       "(give a --grid file)")
+        if model not in (None, "bst"):
+            raise fail(f"--model {model} does not go with --select: the default grid is BST's "
+                       "(give a --grid file for other models)")
+        try:
+            file_cfg = load_yaml(config) if config else {}
+            unknown = sorted(set(file_cfg) - {"train"})
+            if unknown:
+                raise ConfigError(f"{config}: with --select only a `train:` section is allowed "
+                                  f"(the grid decides the models); got {unknown}")
+            train_overrides = {**file_cfg.get("train", {}), **parse_overrides(train_ or [])}
+            trials = load_grid(grid) if grid else default_grid(baselines=False)
+            if baselines:
+                trials = with_baselines(trials)
+            selection = run_selection(samples, out, trials, seeds or [0], train_overrides,
+                                      console=console)
+        except (ValueError, OSError) as exc:  # ConfigError and CheckpointError are ValueErrors
+            raise fail(str(exc)) from None
+        header, rows = selection_rows(selection)
+        table = Table(title=f"model selection on {samples} (valid AUC)")
+        for col in header:
+            table.add_column(col, justify="left" if col in ("trial", "model", "overrides")
+                             else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        chosen = selection.chosen
+        assert chosen is not None  # select raises when no trial can be chosen
+        console.print(f"chosen: [bold]{chosen.trial.name}[/bold] (mean valid AUC "
+                      f"{chosen.mean_auc:.4f} over seeds {selection.seeds}); seed "
+                      f"{chosen.best_seed()}'s checkpoint in [bold]{selection.selected}[/bold]; "
+                      f"report in {out / 'selection.md'}")
+        return
+    if model is None:
+        raise fail("--model is required (or give --select)")
+    if seeds or grid or not baselines:
+        raise fail("--seeds, --grid and --no-baselines go with --select")
     try:
         file_cfg = load_yaml(config) if config else {}
         unknown = sorted(set(file_cfg) - {"model", "train"})

@@ -1,8 +1,9 @@
 """The dataset registry the CLI uses: one name -> one loader.
 
 File-backed datasets live in ``<data_dir>/<name>/`` (ml-1m, ml-100k, taobao, amazon); ``csv``
-and ``parquet`` read ``input_path`` through a :class:`ColumnMapping`; ``synthetic-order`` is
-generated. ``data_dir`` defaults to the environment variable ``BSTREC_DATA_DIR``.
+and ``parquet`` read ``input_path`` through a :class:`ColumnMapping`; ``synthetic-order`` (P4)
+and ``synthetic-implicit`` (P5, a large long-tailed catalogue) are generated. ``data_dir``
+defaults to the environment variable ``BSTREC_DATA_DIR``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from bstrec.data.schema import Dataset
 from bstrec.data.tabular import ColumnMapping, Format, load_table
 from bstrec.data.taobao import find_taobao, load_taobao
 
-DATASETS = ("ml-1m", "ml-100k", "taobao", "amazon", "synthetic-order", "csv", "parquet")
+DATASETS = ("ml-1m", "ml-100k", "taobao", "amazon", "synthetic-order", "synthetic-implicit",
+            "csv", "parquet")
+GENERATED = ("synthetic-order", "synthetic-implicit")
 FOLDER_DATASETS = ("ml-1m", "ml-100k", "taobao", "amazon")
 ENV_DATA_DIR = "BSTREC_DATA_DIR"
 # Keyword options each loader accepts beyond strict (anything else is a typo, and an error).
@@ -42,9 +45,9 @@ def _check_name(name: str) -> None:
 
 
 def available(name: str, data_dir: Path | None, input_path: Path | None = None) -> bool:
-    """Whether the files of dataset ``name`` are present (synthetic-order: always)."""
+    """Whether the files of dataset ``name`` are present (generated datasets: always)."""
     _check_name(name)
-    if name == "synthetic-order":
+    if name in GENERATED:
         return True
     if name in ("csv", "parquet"):
         return input_path is not None and Path(input_path).is_file()
@@ -90,7 +93,8 @@ def load_dataset(
 
     ``options`` go to the loader (taobao: ``max_rows``; csv/parquet: ``separator``,
     ``has_header``, ``feedback``, ``timestamp_format``; synthetic-order: the fields of
-    ``SyntheticConfig``). Unknown options are errors.
+    ``SyntheticConfig``; synthetic-implicit: those of ``ImplicitConfig``). Unknown options are
+    errors.
     """
     _check_name(name)
     if name == "synthetic-order":
@@ -98,6 +102,12 @@ def load_dataset(
         from bstrec.data import synthetic
 
         return synthetic.generate(synthetic.SyntheticConfig(**options))
+    if name == "synthetic-implicit":
+        from bstrec.config import from_dict
+        from bstrec.data import synthetic
+
+        return synthetic.generate_implicit(
+            from_dict(synthetic.ImplicitConfig, options, where="synthetic-implicit"))
     unknown = sorted(set(options) - set(_OPTIONS[name]))
     if unknown:
         allowed = ", ".join(_OPTIONS[name]) or "none"

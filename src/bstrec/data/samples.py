@@ -37,7 +37,10 @@ from bstrec.features.vocab import Vocabularies, Vocabulary
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-PROTOCOLS = {"ml-1m": "ml1m-ctr", "ml-100k": "ml100k-ctr", "synthetic-order": "synthetic-order"}
+# Generated logs name their own protocol; synthetic-implicit takes P5's sample defaults (max_len
+# 20, one uniform negative per positive), as taobao-ctr does.
+PROTOCOLS = {"ml-1m": "ml1m-ctr", "ml-100k": "ml100k-ctr", "synthetic-order": "synthetic-order",
+             "synthetic-implicit": "synthetic-implicit"}
 SECONDS_PER_DAY = 86_400
 EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday = 0
 

@@ -60,6 +60,13 @@ About a third of all samples are accessories whose device is in the history toge
 another family's device: there, the order decides. tests/data/test_synthetic.py checks that the
 oracle on ordered histories beats the same oracle on shuffled histories and the order-blind rule;
 the rankers' figures on it are protocol P4 (`benchmarks/results/rank_synthetic-order.json`).
+
+The large-catalogue implicit mode (``synthetic-implicit``, ``generate_implicit``)
+    A P5 log for what P4 lacks: a catalogue the size of a real shop's (``ImplicitConfig``),
+    long-tailed popularity, actions instead of labels (every event a positive; P5 draws the
+    negatives as of each event's time) and a signal carried by categories in the order of the
+    user's last behaviours. tests/data/test_synthetic_implicit.py checks the tail, the P5
+    negatives and that the generator's rule ranks those samples far above popularity.
 """
 
 from __future__ import annotations
@@ -264,6 +271,20 @@ def build_world(config: SyntheticConfig = SyntheticConfig()) -> World:
                  filler_category=filler_category, segment=segment, region=region)
 
 
+def _oracle_inputs(history: npt.ArrayLike, targets: npt.ArrayLike, n_items: int
+                   ) -> tuple[IntArray, IntArray]:
+    """An oracle's (N, L) history (PAD = 0 in empty slots) and (N,) targets, checked."""
+    hist = np.asarray(history, dtype=np.int64)
+    tgt = np.asarray(targets, dtype=np.int64)
+    if hist.ndim != 2 or tgt.ndim != 1 or hist.shape[0] != tgt.shape[0]:
+        raise ValueError(f"need history (N, L) and targets (N,), got {hist.shape} and {tgt.shape}")
+    if tgt.size and (tgt.min() < 1 or tgt.max() > n_items):
+        raise ValueError("target item id out of range")
+    if hist.size and (hist.min() < 0 or hist.max() > n_items):
+        raise ValueError("history item id out of range")
+    return hist, tgt
+
+
 def oracle_probabilities(world: World, history: npt.ArrayLike, targets: npt.ArrayLike,
                          user_ids: npt.ArrayLike | None = None) -> FloatArray:
     """True P(value = 1) for each (history, target): the rule of the module docstring.
@@ -274,14 +295,7 @@ def oracle_probabilities(world: World, history: npt.ArrayLike, targets: npt.Arra
     generator used; pass exactly P1's history to reproduce its labels.
     """
     c = world.config
-    hist = np.asarray(history, dtype=np.int64)
-    tgt = np.asarray(targets, dtype=np.int64)
-    if hist.ndim != 2 or tgt.ndim != 1 or hist.shape[0] != tgt.shape[0]:
-        raise ValueError(f"need history (N, L) and targets (N,), got {hist.shape} and {tgt.shape}")
-    if tgt.size and (tgt.min() < 1 or tgt.max() > world.n_items):
-        raise ValueError("target item id out of range")
-    if hist.size and (hist.min() < 0 or hist.max() > world.n_items):
-        raise ValueError("history item id out of range")
+    hist, tgt = _oracle_inputs(history, targets, world.n_items)
     valid = hist != PAD  # (N, L)
     h = np.maximum(hist - 1, 0)  # (N, L) item index; pads are masked by `valid`
     t = tgt - 1  # (N,)
@@ -433,18 +447,7 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
     # --- time: gaps in "activity seconds" tau, then a warp that stretches gaps as time goes on
     day = 86400.0
     period = c.period_days * day
-    within = np.exp(np.log(c.within_gap_median_s) + c.within_gap_sigma * rng.standard_normal(n))
-    # Between sessions: log-normal shapes, rescaled so that each user's sessions fill 60-100% of
-    # what is left of the period after their start (a bounded span, whatever the draws).
-    start = rng.random(c.n_users) * c.start_spread_days * day
-    span = (period - start) * rng.uniform(0.6, 1.0, c.n_users)
-    between = np.exp(c.session_gap_sigma * rng.standard_normal(n)) * (is_start & (local > 0))
-    between_sum = np.bincount(ev_user, weights=between, minlength=c.n_users)
-    between *= (span / np.maximum(between_sum, 1e-12))[ev_user]
-    gap = np.where(is_start, between, np.maximum(within, 1.0))
-    gap[user_first] = start
-    tau = np.cumsum(gap)
-    tau -= np.repeat(tau[user_first] - gap[user_first], n_ev)  # restart the clock per user
+    tau = _activity_seconds(c, rng, is_start, ev_user, n_ev)
     # Real time t = g(tau) with g' proportional to 1 + d t / period and g(period) = period: the
     # same activity takes (1 + d) times longer at the end of the period than at its start.
     d = c.gap_drift
@@ -474,6 +477,31 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
         meta={"protocol": "P4", "generator": "bstrec.data.synthetic",
               "config": dataclasses.asdict(c)},
     )
+
+
+def _activity_seconds(c: SyntheticConfig | ImplicitConfig, rng: np.random.Generator,
+                      is_start: npt.NDArray[np.bool_], ev_user: IntArray, n_ev: IntArray
+                      ) -> FloatArray:
+    """(n,) seconds since the period's start of each event, users' events contiguous and in
+    order: log-normal gaps within a session; between sessions log-normal shapes, rescaled so
+    that each user's sessions fill 60-100% of what is left of the period after their start (a
+    bounded span, whatever the draws)."""
+    n = int(n_ev.sum())
+    user_first = np.cumsum(n_ev) - n_ev
+    local = np.arange(n) - np.repeat(user_first, n_ev)
+    day = 86400.0
+    period = c.period_days * day
+    within = np.exp(np.log(c.within_gap_median_s) + c.within_gap_sigma * rng.standard_normal(n))
+    start = rng.random(c.n_users) * c.start_spread_days * day
+    span = (period - start) * rng.uniform(0.6, 1.0, c.n_users)
+    between = np.exp(c.session_gap_sigma * rng.standard_normal(n)) * (is_start & (local > 0))
+    between_sum = np.bincount(ev_user, weights=between, minlength=c.n_users)
+    between *= (span / np.maximum(between_sum, 1e-12))[ev_user]
+    gap = np.where(is_start, between, np.maximum(within, 1.0))
+    gap[user_first] = start
+    tau: FloatArray = np.cumsum(gap)
+    tau -= np.repeat(tau[user_first] - gap[user_first], n_ev)  # restart the clock per user
+    return tau
 
 
 def _strictly_increasing(ts: IntArray, user: IntArray) -> IntArray:
@@ -513,3 +541,236 @@ def users_frame(world: World) -> pl.DataFrame:
         "segment": [SEGMENTS[s] for s in world.segment.tolist()],
         "region": [REGIONS[r] for r in world.region.tolist()],
     }, schema={"user_id": pl.Int64, "segment": pl.String, "region": pl.String})
+
+
+# --- Large-catalogue implicit mode (P5 ``synthetic-implicit``) -----------------------------------
+
+IMPLICIT_NAME = "synthetic-implicit"
+ACTIONS = ("pv", "cart", "fav", "buy")
+# Sources of the next event's category, in the order of category_source_weights.
+CAT_SUCCESSOR, CAT_SAME, CAT_RECENT, CAT_POPULAR = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ImplicitConfig:
+    """Every knob of the large-catalogue implicit generator (see ``generate_implicit``).
+
+    The defaults give a catalogue the size of the Taobao logs issue 23 trained on, and a log
+    that generates and builds in seconds; ``n_users`` scales the log, not the catalogue.
+    """
+
+    seed: int = 0
+    n_users: int = 10_000
+    events_per_user: tuple[int, int] = (20, 80)  # inclusive range, uniform per user
+    n_items: int = 50_000
+    n_categories: int = 500
+    category_zipf: float = 0.9  # popularity skew of categories
+    item_zipf: float = 0.8  # popularity skew of items within a category
+    successors: int = 3  # categories that follow each category (drawn by popularity)
+    # Where the next event's category comes from: (a successor of the last event's category,
+    # the last event's category, one of the last recent_window events' categories, the
+    # catalogue's category popularity).
+    category_source_weights: tuple[float, float, float, float] = (0.5, 0.2, 0.1, 0.2)
+    recent_window: int = 5
+    repeat_prob: float = 0.1  # the next event is the last event's item again
+    # Actions of a first touch and of a repeat (pv, cart, fav, buy): carts and buys follow views.
+    action_probs: tuple[float, float, float, float] = (0.92, 0.03, 0.03, 0.02)
+    repeat_action_probs: tuple[float, float, float, float] = (0.2, 0.35, 0.15, 0.3)
+    # Time: sessions of geometric length, seconds-to-minutes gaps within, hours-to-days between,
+    # each user's sessions spread over 60-100% of what is left of the period after their start.
+    mean_session_length: float = 6.0
+    start_timestamp: int = 1704067200  # 2024-01-01T00:00:00Z
+    period_days: float = 60.0
+    start_spread_days: float = 10.0
+    within_gap_median_s: float = 60.0
+    within_gap_sigma: float = 0.9
+    session_gap_sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.events_per_user
+        checks = {
+            "n_users >= 1": self.n_users >= 1,
+            "1 <= events_per_user[0] <= events_per_user[1]": 1 <= lo <= hi,
+            "n_items >= n_categories >= 1": self.n_items >= self.n_categories >= 1,
+            "category_zipf >= 0 and item_zipf >= 0":
+                self.category_zipf >= 0 and self.item_zipf >= 0,
+            "successors >= 1": self.successors >= 1,
+            "category_source_weights >= 0 with a positive sum":
+                min(self.category_source_weights) >= 0 and sum(self.category_source_weights) > 0,
+            "recent_window >= 1": self.recent_window >= 1,
+            "0 <= repeat_prob < 1": 0.0 <= self.repeat_prob < 1.0,
+            "action_probs >= 0 with a positive sum":
+                min(self.action_probs) >= 0 and sum(self.action_probs) > 0,
+            "repeat_action_probs >= 0 with a positive sum":
+                min(self.repeat_action_probs) >= 0 and sum(self.repeat_action_probs) > 0,
+            "mean_session_length >= 1": self.mean_session_length >= 1.0,
+            "period_days > start_spread_days >= 0": self.period_days > self.start_spread_days >= 0,
+            "within_gap_median_s >= 1": self.within_gap_median_s >= 1.0,
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"ImplicitConfig: invalid values, need {failed}")
+
+
+@dataclass(frozen=True)
+class ImplicitWorld:
+    """The hidden structure of one seed of the implicit generator.
+
+    Items are laid out category by category: ``item_category`` is sorted, and arrays are indexed
+    by ``item_id - 1``.
+    """
+
+    config: ImplicitConfig
+    item_category: IntArray  # (I,) category index, sorted
+    item_popularity: FloatArray  # (I,) P(item | its category)
+    category_popularity: FloatArray  # (C,) P(category) of a fresh draw
+    successor: IntArray  # (C, S) the categories that follow each category
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_category.shape[0])
+
+    def category_weights(self) -> FloatArray:
+        """(4,) the category sources' probabilities, normalised."""
+        w = np.asarray(self.config.category_source_weights, dtype=np.float64)
+        out: FloatArray = w / w.sum()
+        return out
+
+
+def build_implicit_world(config: ImplicitConfig = ImplicitConfig()) -> ImplicitWorld:
+    """The catalogue and the category transitions for ``config.seed``."""
+    c = config
+    rng = np.random.default_rng([c.seed, 0, 1])
+    item_category = (np.arange(c.n_items, dtype=np.int64) * c.n_categories) // c.n_items
+    sizes = np.bincount(item_category, minlength=c.n_categories)
+    item_popularity = np.concatenate([_zipf(int(n), c.item_zipf, rng) for n in sizes])
+    category_popularity = _zipf(c.n_categories, c.category_zipf, rng)
+    # Popular categories are also the common successors, so the chain keeps the long tail.
+    successor = rng.choice(c.n_categories, size=(c.n_categories, c.successors),
+                           p=category_popularity).astype(np.int64)
+    return ImplicitWorld(config=c, item_category=item_category, item_popularity=item_popularity,
+                         category_popularity=category_popularity, successor=successor)
+
+
+def implicit_oracle_log_probabilities(world: ImplicitWorld, history: npt.ArrayLike,
+                                      targets: npt.ArrayLike) -> FloatArray:
+    """log P(next event's item = target | history) under the generator's rule.
+
+    history: (N, L) item ids, oldest first, ``PAD`` (0) in empty slots on the left (as
+    ``history_matrix`` and P5 give them); targets: (N,) item ids. Returns (N,). With uniform
+    negatives (P5's default) this ranks positives above negatives as well as anything can.
+    """
+    c = world.config
+    hist, tgt = _oracle_inputs(history, targets, world.n_items)
+    n = tgt.shape[0]
+    w = world.category_weights()
+    t_cat = world.item_category[tgt - 1]  # (N,)
+    p_cat = w[CAT_POPULAR] * world.category_popularity[t_cat]  # (N,)
+    if hist.shape[1]:
+        last = hist[:, -1]  # (N,)
+        has = last != PAD
+        last_cat = world.item_category[np.maximum(last, 1) - 1]
+        succ_share = (world.successor[last_cat] == t_cat[:, None]).mean(axis=1)
+        recent = hist[:, -c.recent_window:]  # (N, W)
+        valid = recent != PAD
+        same = valid & (world.item_category[np.maximum(recent, 1) - 1] == t_cat[:, None])
+        recent_share = same.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+        p_hist = (w[CAT_SUCCESSOR] * succ_share + w[CAT_SAME] * (last_cat == t_cat)
+                  + w[CAT_RECENT] * recent_share)
+        p_cat = np.where(has, p_cat + p_hist, world.category_popularity[t_cat])
+        p_item = world.item_popularity[tgt - 1] * p_cat
+        p = np.where(has, (1 - c.repeat_prob) * p_item + c.repeat_prob * (last == tgt), p_item)
+    else:
+        p = world.category_popularity[t_cat] * world.item_popularity[tgt - 1]
+    out: FloatArray = np.log(np.maximum(p, 1e-300)).reshape(n)
+    return out
+
+
+def generate_implicit(config: ImplicitConfig = ImplicitConfig()) -> Dataset:
+    """A seeded implicit log over a large long-tailed catalogue whose categories carry the signal.
+
+    Each user's first event draws a category by its popularity. Every later event draws its
+    category from the user's last events, in order (``category_source_weights``): a successor
+    of the last event's category (a fixed, sparse map: cases after phones, films after
+    cameras), the last event's category again, one of the last ``recent_window`` events'
+    categories, or the catalogue's popularity; then an item of that category by its (Zipf)
+    popularity. With ``repeat_prob`` the event is the last event's item again, mostly as a cart,
+    fav or buy. ``implicit_oracle_log_probabilities`` is the rule; tests/data/test_synthetic.py
+    checks that it ranks P5 samples far better than popularity does. Every event is a positive;
+    ``bstrec.data.samples.build_samples`` adds P5's sampled negatives.
+    """
+    c = config
+    world = build_implicit_world(c)
+    rng = np.random.default_rng([c.seed, 1, 1])
+    lo, hi = c.events_per_user
+    n_ev = rng.integers(lo, hi + 1, c.n_users)
+    w = world.category_weights()
+    cat_cdf = np.cumsum(world.category_popularity)
+    fresh_p = np.asarray(c.action_probs, dtype=np.float64)
+    repeat_p = np.asarray(c.repeat_action_probs, dtype=np.float64)
+
+    # Step through event positions, all users at once: each step reads the previous ones.
+    items = np.zeros((c.n_users, hi), dtype=np.int64)  # item index
+    actions = np.zeros((c.n_users, hi), dtype=np.int64)
+    recent = np.zeros((c.n_users, c.recent_window), dtype=np.int64)  # ring buffer of categories
+    for k in range(hi):
+        users = np.flatnonzero(n_ev > k)
+        m = users.shape[0]
+        popular = np.minimum(np.searchsorted(cat_cdf, rng.random(m) * cat_cdf[-1]),
+                             c.n_categories - 1)
+        repeat = np.zeros(m, dtype=bool)
+        if k == 0:
+            cat = popular
+        else:
+            last_cat = recent[users, (k - 1) % c.recent_window]
+            src = rng.choice(4, size=m, p=w)
+            succ = world.successor[last_cat, rng.integers(0, c.successors, m)]
+            back = rng.integers(0, min(k, c.recent_window), m)
+            old = recent[users, (k - 1 - back) % c.recent_window]
+            cat = np.select([src == CAT_SUCCESSOR, src == CAT_SAME, src == CAT_RECENT],
+                            [succ, last_cat, old], popular)
+            repeat = rng.random(m) < c.repeat_prob
+            cat = np.where(repeat, last_cat, cat)
+        item = _sample_within(cat, world.item_popularity, world.item_category, rng)
+        if k > 0:
+            item = np.where(repeat, items[users, k - 1], item)
+        act_fresh = rng.choice(len(ACTIONS), size=m, p=fresh_p / fresh_p.sum())
+        act_repeat = rng.choice(len(ACTIONS), size=m, p=repeat_p / repeat_p.sum())
+        items[users, k] = item
+        actions[users, k] = np.where(repeat, act_repeat, act_fresh)
+        recent[users, k % c.recent_window] = cat
+
+    filled = np.arange(hi)[None, :] < n_ev[:, None]  # (U, hi), row-major = user by user, in order
+    item_idx = items[filled]
+    action = actions[filled]
+    ev_user = np.repeat(np.arange(c.n_users, dtype=np.int64), n_ev)
+    n = int(n_ev.sum())
+    user_first = np.cumsum(n_ev) - n_ev
+    local = np.arange(n) - np.repeat(user_first, n_ev)
+
+    # --- time, as in P4 without the drift
+    is_start = (rng.random(n) < 1.0 / c.mean_session_length) | (local == 0)
+    tau = _activity_seconds(c, rng, is_start, ev_user, n_ev)
+    ts = _strictly_increasing(c.start_timestamp + np.floor(tau).astype(np.int64), ev_user)
+
+    events = pl.DataFrame({
+        "user_id": ev_user + 1,
+        "item_id": item_idx + 1,
+        "timestamp": ts,
+        "action": np.asarray(ACTIONS)[action],
+        "value": None,
+        "event_id": None,
+    }, schema={"user_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64,
+               "action": pl.String, "value": pl.Float64, "event_id": pl.String})
+    items_table = pl.DataFrame({
+        "item_id": np.arange(1, world.n_items + 1, dtype=np.int64),
+        "category": [f"cat_{k}" for k in world.item_category.tolist()],
+    }, schema={"item_id": pl.Int64, "category": pl.String})
+    users_table = pl.DataFrame({"user_id": np.arange(1, c.n_users + 1, dtype=np.int64)},
+                               schema={"user_id": pl.Int64})
+    return Dataset(
+        name=IMPLICIT_NAME, events=events, items=items_table, users=users_table,
+        feedback="implicit",
+        meta={"protocol": "P5", "generator": "bstrec.data.synthetic.generate_implicit",
+              "config": dataclasses.asdict(c)},
+    )

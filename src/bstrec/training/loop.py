@@ -11,6 +11,13 @@ thread count, interrupted or not):
 - dropout and any other global-RNG use in ``forward``: ``train`` seeds the global torch RNG from
   ``seed`` when a run starts, and resumable checkpoints save and restore its state.
 
+Stalls: a run whose valid AUC stays within ``stall_margin`` of 0.5 has learned nothing, and
+must not finish looking like any other run. From ``stall_after`` optimizer steps on, every
+evaluation (each epoch end, plus one at step ``stall_after`` itself) is checked: one at chance
+is logged as a warning and recorded in ``TrainResult.chance_checks``; ``TrainResult.stalled``
+says the returned model (the best epoch's) is still at chance, or that ``stall_action="stop"``
+ended the run at the first check at chance.
+
 Output directory of a run (``out_dir``)::
 
     last/   resumable checkpoint (weights, optimizer, RNG, train state), every
@@ -67,7 +74,8 @@ BEST = "best"
 _INIT, _SHUFFLE, _DROPOUT = 0, 1, 2
 # Config fields a resumed run may change: they do not alter the trajectory of the weights.
 _RESUME_MAY_CHANGE = frozenset({"max_epochs", "patience", "min_delta", "checkpoint_every",
-                                "eval_batch_size", "num_threads", "max_steps", "device"})
+                                "eval_batch_size", "num_threads", "max_steps", "device",
+                                "stall_margin", "stall_after", "stall_action"})
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,20 @@ class TrainConfig:
     grad_clip: float = 0.0
     # "cpu" or "cuda[:i]": the model and both splits are moved there once
     device: str = "cpu"
+    # a valid AUC within this of 0.5 is chance (see the module docstring); 0 = no stall checks
+    stall_margin: float = 0.02
+    # steps before the checks begin; > 0 also evaluates valid at that step, mid-epoch if need be
+    stall_after: int = 0
+    # at a check at chance: "warn" logs it and goes on, "stop" also ends the run
+    stall_action: Literal["warn", "stop"] = "warn"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "adagrad"):
             raise ValueError(f"optimizer must be 'adam' or 'adagrad', got {self.optimizer!r}")
+        if self.stall_action not in ("warn", "stop"):
+            raise ValueError(f"stall_action must be 'warn' or 'stop', got {self.stall_action!r}")
+        if not 0 <= self.stall_margin < 0.5:
+            raise ValueError(f"stall_margin must be in [0, 0.5), got {self.stall_margin}")
         positive = {"lr": self.lr, "batch_size": self.batch_size, "max_epochs": self.max_epochs,
                     "eval_batch_size": self.eval_batch_size}
         for name, value in positive.items():
@@ -107,7 +125,7 @@ class TrainConfig:
                         "min_delta": self.min_delta, "seed": self.seed,
                         "checkpoint_every": self.checkpoint_every,
                         "num_threads": self.num_threads, "max_steps": self.max_steps,
-                        "grad_clip": self.grad_clip}
+                        "grad_clip": self.grad_clip, "stall_after": self.stall_after}
         for name, value in non_negative.items():
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -135,13 +153,24 @@ class EpochStats:
     train_seconds: float
 
 
+@dataclass(frozen=True)
+class ChanceCheck:
+    """An evaluation whose valid AUC was within ``stall_margin`` of 0.5."""
+
+    epoch: int  # 1-based, the epoch under way (a check at step ``stall_after`` may be mid-epoch)
+    steps: int  # optimizer steps in all at the check
+    valid_auc: float
+
+
 @dataclass
 class TrainResult:
     best_valid_auc: float
     best_epoch: int  # 1-based; 0 when no epoch was evaluated
     history: list[EpochStats]
     steps: int
-    stop_reason: str  # "max_epochs" | "early_stopping" | "max_steps"
+    stop_reason: str  # "max_epochs" | "early_stopping" | "max_steps" | "stalled"
+    stalled: bool = False  # the returned model is at chance, or the run stopped at chance
+    chance_checks: list[ChanceCheck] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +192,8 @@ class _State:
     history: list[EpochStats] = field(default_factory=list)
     finished: bool = False
     stop_reason: str = ""
+    stalled: bool = False
+    chance_checks: list[ChanceCheck] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,13 +202,15 @@ class _State:
     def from_dict(cls, d: Mapping[str, Any]) -> _State:
         data = dict(d)
         data["history"] = [EpochStats(**h) for h in data.get("history", [])]
+        data["chance_checks"] = [ChanceCheck(**c) for c in data.get("chance_checks", [])]
         return cls(**data)
 
     def result(self) -> TrainResult:
         best = self.best_auc if self.best_auc is not None else float("nan")
         return TrainResult(best_valid_auc=best, best_epoch=self.best_epoch,
                            history=list(self.history), steps=self.step,
-                           stop_reason=self.stop_reason)
+                           stop_reason=self.stop_reason, stalled=self.stalled,
+                           chance_checks=list(self.chance_checks))
 
 
 def derive_seed(*parts: int) -> int:
@@ -423,6 +456,15 @@ class _Run:
                            loss=state.epoch_loss_sum / state.epoch_samples,
                            rate=state.epoch_samples / max(state.epoch_seconds, 1e-9))
             hit_max_steps = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            if (cfg.stall_margin and cfg.stall_after and state.step == cfg.stall_after
+                    and state.batch < n_batches and not hit_max_steps):
+                flush()
+                # eval mode draws no random numbers: the trajectory is the same as without it
+                auc_now = evaluate(self.model, self.valid_split, cfg.eval_batch_size)["auc"]
+                model.train()
+                if self._check_chance(auc_now) and cfg.stall_action == "stop":
+                    state.finished, state.stop_reason = True, "stalled"
+                started = time.perf_counter()  # evaluation is not training time
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
                     and state.batch < n_batches and not hit_max_steps
                     and self.out_dir is not None):
@@ -433,6 +475,7 @@ class _Run:
                 self.on_step(state.step, loss.detach())
             if hit_max_steps:
                 state.finished, state.stop_reason = True, "max_steps"
+            if state.finished:
                 break
         flush()
 
@@ -459,15 +502,42 @@ class _Run:
         log.info("epoch %d: train loss %.4f, valid AUC %.4f, valid logloss %.4f, "
                  "%.0f samples/s%s", stats.epoch, stats.train_loss, stats.valid_auc,
                  stats.valid_logloss, stats.samples_per_s, " (best)" if improved else "")
+        at_chance = state.step >= cfg.stall_after and self._check_chance(stats.valid_auc)
+        best = state.best_auc if state.best_auc is not None else float("nan")
+        state.stalled = (state.stop_reason == "stalled"
+                         or (state.step >= cfg.stall_after and self._at_chance(best)))
         state.epoch += 1
         state.batch = state.epoch_samples = 0
         state.epoch_loss_sum = state.epoch_seconds = 0.0
         if not state.finished:
-            if cfg.patience and state.bad_epochs >= cfg.patience:
+            if at_chance and cfg.stall_action == "stop":
+                state.finished, state.stop_reason, state.stalled = True, "stalled", True
+            elif cfg.patience and state.bad_epochs >= cfg.patience:
                 state.finished, state.stop_reason = True, "early_stopping"
             elif state.epoch >= cfg.max_epochs:
                 state.finished, state.stop_reason = True, "max_epochs"
         self._save(LAST, resumable=True)
+        if state.finished and state.stalled:
+            log.warning("run stalled at chance: best valid AUC %.4f after %d steps (%s); the "
+                        "model has learned nothing from the features", best, state.step,
+                        state.stop_reason.replace("_", " "))
+
+    def _at_chance(self, valid_auc: float) -> bool:
+        return bool(self.cfg.stall_margin) and abs(valid_auc - 0.5) <= self.cfg.stall_margin
+
+    def _check_chance(self, valid_auc: float) -> bool:
+        """Record and warn about an evaluation at chance; whether it was one."""
+        if not self._at_chance(valid_auc):
+            return False
+        state = self.state
+        if state.chance_checks and state.chance_checks[-1].steps == state.step:
+            return True  # the epoch end of a run stopped mid-epoch: the same weights again
+        state.chance_checks.append(ChanceCheck(epoch=state.epoch + 1, steps=state.step,
+                                               valid_auc=valid_auc))
+        log.warning("valid AUC %.4f at step %d (epoch %d) is within %.3f of chance (0.5)%s",
+                    valid_auc, state.step, state.epoch + 1, self.cfg.stall_margin,
+                    ": stopping (stall_action=stop)" if self.cfg.stall_action == "stop" else "")
+        return True
 
 
 @contextmanager

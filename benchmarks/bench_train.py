@@ -1,0 +1,236 @@
+"""Training throughput as a share of the fp32 matrix-multiply peak (issue 23).
+
+The paper-size BST (default ``BSTConfig``: one block, 8 heads, MLP 1024-512-256) on the ML-1M
+P1 samples (protocol ml1m-ctr; the synthetic-order dataset when the ML-1M files are absent):
+
+1. FLOP per training sample at batch ``--batch``, counted as bench_serving counts inference
+   FLOP (torch's FlopCounterMode on the eager model): forward + ``loss.backward()``, forward
+   only, and by module (MLP, Transformer blocks, rest);
+2. full training steps exactly as ``training/loop.py`` runs them (row gather of a shuffled
+   batch, forward, BCE with logits, ``zero_grad(set_to_none=True)``, backward, the optimizer of
+   ``make_optimizer``), timed per part, at 1 and 2 threads, interleaved round by round with the
+   1024x1024 GEMM peak at the same thread count (bench_serving's ``matmul_peak`` timing);
+3. achieved GFLOP/s = FLOP/sample x samples/s, its share of the GEMM peak, and each part's
+   share of the step time.
+
+    python benchmarks/bench_train.py --data-dir /work/shared/data
+    python benchmarks/bench_train.py --samples /tmp/qs/samples --rounds 5 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, now, timed, write_result
+
+GOAL_SHARE = 0.5
+GEMM_N = 1024
+PARTS = ("data", "forward", "backward", "optimizer")
+
+
+def ensure_samples(work: Path, data_dir: str) -> tuple[Path, str]:
+    """ML-1M P1 samples when the ML-1M files are present, else synthetic-order."""
+    from bstrec.data.build import build
+
+    ml1m = (Path(data_dir) / "ml-1m").is_dir()
+    protocol, dataset = ("ml1m-ctr", "ml-1m") if ml1m else ("synthetic-order", "synthetic-order")
+    out = work / protocol / "samples"
+    if not (out / "manifest.json").exists():
+        build(dataset, out, data_dir=Path(data_dir))
+    return out, protocol
+
+
+def gemm_ms(reps: int) -> float:
+    """Median milliseconds of a ``GEMM_N`` square fp32 matmul at the current thread count."""
+    a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+    return timed(lambda: a @ b, reps)
+
+
+class Stepper:
+    """One training step of ``training/loop.py`` (no grad clipping: its default is off), with
+    the time of each part."""
+
+    def __init__(self, model: torch.nn.Module, split: Any, batch: int, optimizer: str,
+                 seed: int = 0) -> None:
+        from bstrec.training.loop import TrainConfig, make_optimizer
+
+        self.model, self.split, self.batch = model, split, batch
+        self.optimizer = make_optimizer(model, TrainConfig(optimizer=optimizer))  # type: ignore[arg-type]
+        self.order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+        self.at = 0
+        model.train()
+
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if self.at + self.batch > len(self.order):
+            self.at = 0
+        b = self.split.batch(self.order[self.at:self.at + self.batch])
+        self.at += self.batch
+        labels = b["label"]
+        t1 = time.perf_counter()
+        logits = self.model(b)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        t2 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        t3 = time.perf_counter()
+        self.optimizer.step()
+        t4 = time.perf_counter()
+        return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}
+
+
+def count_flops(model: torch.nn.Module, split: Any, batch: int) -> dict[str, Any]:
+    """FLOP per sample of forward + backward and of forward only (train mode, grads on), and
+    the forward + backward FLOP per sample by module (leaf-most module names counted once)."""
+    b = split.batch(torch.arange(batch))
+    model.train()
+    with FlopCounterMode(display=False) as fwd:
+        logits = model(b)
+        loss = F.binary_cross_entropy_with_logits(logits, b["label"])
+    with FlopCounterMode(display=False) as both:
+        logits = model(b)
+        loss = F.binary_cross_entropy_with_logits(logits, b["label"])
+        loss.backward()  # type: ignore[no-untyped-call]
+    model.zero_grad(set_to_none=True)
+    total = float(both.get_total_flops())
+    counts = both.get_flop_counts()
+    # FlopCounterMode attributes each op to every enclosing module: the MLP, each block, and the
+    # rest (the loss and anything outside those modules) as the difference
+    mlp = float(sum(counts.get("BST.mlp", {}).values()))
+    blocks = float(sum(sum(c.values()) for n, c in counts.items()
+                       if re.fullmatch(r"BST\.blocks\.\d+", n)))
+    by_module = {"mlp": mlp, "transformer": blocks, "rest": total - mlp - blocks}
+    by_op = {str(k): float(v) / batch for k, v in counts["Global"].items()}
+    return {"train_flop_per_sample": total / batch,
+            "forward_flop_per_sample": float(fwd.get_total_flops()) / batch,
+            "train_flop_per_sample_by_module": {k: v / batch for k, v in by_module.items()},
+            "train_flop_per_sample_by_op": by_op,
+            "uncounted": "attention's softmax(QK^T)V (scaled_dot_product_attention has no CPU "
+                         "FLOP formula), elementwise ops, embedding lookups"}
+
+
+def measure(step: Stepper, threads: list[int], rounds: int, steps: int, warmup: int,
+            gemm_reps: int) -> dict[str, Any]:
+    """Rounds of (per thread count: GEMM peak, then ``steps`` training steps), interleaved."""
+    rows: dict[int, dict[str, list[float]]] = {
+        t: {"gemm_ms": [], "step_s": [], **{p: [] for p in PARTS}} for t in threads}
+    for t in threads:
+        torch.set_num_threads(t)
+        for _ in range(warmup):
+            step.step()
+    for r in range(rounds):
+        for t in threads:
+            torch.set_num_threads(t)
+            rows[t]["gemm_ms"].append(gemm_ms(gemm_reps))
+            parts = [step.step() for _ in range(steps)]
+            for p in PARTS:
+                rows[t][p].append(statistics.median(x[p] for x in parts))
+            rows[t]["step_s"].append(statistics.median(sum(x.values()) for x in parts))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{t}t step {rows[t]['step_s'][-1] * 1e3:.0f} ms gemm {rows[t]['gemm_ms'][-1]:.1f} ms"
+            for t in threads), flush=True)
+    return {str(t): {k: statistics.median(v) for k, v in d.items()} | {"rounds": d}
+            for t, d in rows.items()}
+
+
+def summarize(timing: dict[str, Any], flops: dict[str, Any], batch: int) -> dict[str, Any]:
+    out = {}
+    train_f, fwd_f = flops["train_flop_per_sample"], flops["forward_flop_per_sample"]
+    for t, m in timing.items():
+        peak = 2.0 * GEMM_N ** 3 / m["gemm_ms"] / 1e6
+        # per round, so that each share divides by the peak measured beside it
+        shares = [train_f * batch / s / 1e9 / (2.0 * GEMM_N ** 3 / g / 1e6)
+                  for s, g in zip(m["rounds"]["step_s"], m["rounds"]["gemm_ms"], strict=True)]
+        sps = batch / m["step_s"]
+        out[t] = {
+            "samples_per_s": sps, "step_ms": m["step_s"] * 1e3, "gemm_peak_gflops": peak,
+            "achieved_gflops": train_f * sps / 1e9,
+            "share_of_peak": statistics.median(shares),
+            "parts_ms": {p: m[p] * 1e3 for p in PARTS},
+            "parts_share_of_step": {p: m[p] / m["step_s"] for p in PARTS},
+            # forward and backward each as a share of the peak (backward FLOP = train - forward)
+            "forward_share_of_peak": fwd_f * batch / m["forward"] / 1e9 / peak,
+            "backward_share_of_peak": (train_f - fwd_f) * batch / m["backward"] / 1e9 / peak,
+            "rounds": m["rounds"],
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
+    ap.add_argument("--workdir", default="artifacts/bench_train")
+    ap.add_argument("--samples", help="reuse built samples (a `bstrec data build` output)")
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=8, help="training steps per round and thread")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gemm-reps", type=int, default=10)
+    ap.add_argument("--optimizer", default="adam", choices=("adam", "adagrad"))
+    ap.add_argument("--name", default="train_throughput")
+    args = ap.parse_args()
+
+    from bstrec.data.samples import SampleSet
+    from bstrec.ranking.bst import BST, BSTConfig
+    from bstrec.training.tensors import TensorSplit
+
+    if args.samples:
+        samples = Path(args.samples)
+        protocol = json.loads((samples / "manifest.json").read_text()).get("protocol", "?")
+    else:
+        samples, protocol = ensure_samples(Path(args.workdir), args.data_dir)
+    data = SampleSet.load(samples, splits=("train",))
+    split = TensorSplit.from_frame(data.splits["train"], data.spec)
+    torch.manual_seed(0)
+    config = BSTConfig()
+    model = BST(data.spec, config)
+    params = sum(p.numel() for p in model.parameters())
+    flops = count_flops(model, split, args.batch)
+    print(f"{protocol}: {len(split):,} train rows, {params:,} parameters; FLOP/sample train "
+          f"{flops['train_flop_per_sample'] / 1e6:.2f} M, forward "
+          f"{flops['forward_flop_per_sample'] / 1e6:.2f} M; by module "
+          + ", ".join(f"{k} {v / 1e6:.2f} M"
+                      for k, v in flops["train_flop_per_sample_by_module"].items()), flush=True)
+    saved = torch.get_num_threads()
+    stepper = Stepper(model, split, args.batch, args.optimizer)
+    timing = measure(stepper, args.threads, args.rounds, args.steps, args.warmup, args.gemm_reps)
+    torch.set_num_threads(saved)
+    res = summarize(timing, flops, args.batch)
+    for t, r in res.items():
+        print(f"{t} thread(s): {r['samples_per_s']:.0f} samples/s, {r['achieved_gflops']:.1f} "
+              f"GFLOP/s of a {r['gemm_peak_gflops']:.1f} GFLOP/s GEMM peak = "
+              f"{r['share_of_peak']:.1%}; step parts " + ", ".join(
+                  f"{p} {v:.1f} ms" for p, v in r["parts_ms"].items()))
+    best = max(r["share_of_peak"] for r in res.values())
+    result = {
+        "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+        "date": now(), "machine": machine(), "protocol": protocol, "samples": str(samples),
+        "train_rows": len(split), "batch": args.batch, "optimizer": args.optimizer,
+        "model": "bst", "config": {k: v for k, v in vars(config).items()}, "parameters": params,
+        "step": "training/loop.py's per-step code: gather, forward, BCE, zero_grad(set_to_none), "
+                "backward, make_optimizer's step", "torch": torch.__version__,
+        "rounds": args.rounds, "steps_per_round": args.steps, "gemm_n": GEMM_N,
+        "flops": flops, "threads": res, "goal_share": GOAL_SHARE,
+        "goal_met": best >= GOAL_SHARE, "loadavg_end": list(os.getloadavg()),
+    }
+    path = write_result(args.name, json.loads(json.dumps(result, default=str)))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
