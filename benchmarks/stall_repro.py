@@ -50,6 +50,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # one change each from the paper's: normalisation alone, the target's output alone
     "bst_concat_bn": ("bst", {"mlp_norm": "batch"}),
     "bst_target": ("bst", {"output": "target"}),
+    "bst_concat_scaled": ("bst", {"concat_scale": True}),
 }
 TRAIN = {"optimizer": "adam", "lr": 1e-3, "batch_size": 256, "max_epochs": 3, "patience": 1}
 # Generator variants (ImplicitConfig fields) meant to be closer to a real Taobao log than the

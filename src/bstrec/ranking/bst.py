@@ -78,6 +78,14 @@ class BSTConfig:
     ffn_mult: int = 4  # feed-forward width = ffn_mult * token width (the paper leaves it open)
     dropout: float = 0.2
     output: Output = "concat"  # all L+1 transformer outputs, or the target's only
+    # Not in the paper: output="concat" divided by sqrt(L+1). Adam moves every weight by about
+    # lr per step whatever its gradient, so a first-layer unit reading (L+1)*D LayerNorm'd
+    # inputs shifts (L+1) times as far per step as with the target's output alone; on the
+    # taobao_like variant of synthetic-implicit that pushed most units into LeakyReLU's flat
+    # side and held valid AUC at chance for hundreds of steps (issue 23,
+    # benchmarks/results/stall_synthetic-implicit.json). Off by default until it is measured
+    # on every protocol.
+    concat_scale: bool = False
     mlp: tuple[int, ...] = (1024, 512, 256)
     mlp_act: Activation = "leaky_relu"
     mlp_dropout: float = 0.0
@@ -238,8 +246,12 @@ class BST(nn.Module):
         for block in self.blocks:
             x = block(x, keep)  # (B, L+1, D)
         # (B, (L+1)*D) with padding zeroed, or the target's (B, D)
-        seq = (x * keep.unsqueeze(-1).to(x.dtype)).flatten(1) if self.config.output == "concat" \
-            else x[:, -1]
+        if self.config.output == "concat":
+            seq = (x * keep.unsqueeze(-1).to(x.dtype)).flatten(1)
+            if self.config.concat_scale:
+                seq = seq / math.sqrt(self.max_len + 1)
+        else:
+            seq = x[:, -1]
         logits: Tensor = self.mlp(torch.cat([seq, other], 1)).squeeze(-1)  # (B,)
         if self.wide is not None:
             logits = logits + self.wide(other).squeeze(-1)
