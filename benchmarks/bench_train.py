@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, timed, write_result
+from common import machine, now, timed, update_section, write_result
 
 GOAL_SHARE = 0.5
 GEMM_N = 1024
@@ -229,7 +229,37 @@ def main() -> None:
         "goal_met": best >= GOAL_SHARE, "loadavg_end": list(os.getloadavg()),
     }
     path = write_result(args.name, json.loads(json.dumps(result, default=str)))
-    print(f"wrote {path}")
+    update_section("train_throughput", markdown(json.loads(path.read_text())))
+    print(f"wrote {path} and its BENCHMARKS.md section")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section of a results file."""
+    f, m = res["flops"], res["machine"]
+    lines = [
+        "## Training throughput against the matrix-multiply peak (issue 23)",
+        "",
+        f"`{res['command']}` on {res['date']}, {m['cores']} cores ({m['cpu']}), load average "
+        f"{', '.join(f'{x:.1f}' for x in res['loadavg_end'])} at the end; protocol "
+        f"{res['protocol']}; paper-size BST, batch {res['batch']}, each step what "
+        "training/loop.py does (gather, forward, BCE, backward, optimizer step), with the fp32 "
+        f"{res['gemm_n']}x{res['gemm_n']} GEMM peak measured in the same rounds. FLOP per training "
+        f"sample (FlopCounterMode, forward and backward): {f['train_flop_per_sample'] / 1e6:.2f} M, "
+        f"forward {f['forward_flop_per_sample'] / 1e6:.2f} M; not counted: {f['uncounted']}. "
+        f"Medians over {res['rounds']} rounds.",
+        "",
+        "| threads | samples/s | achieved GFLOP/s | GEMM peak GFLOP/s | share of peak | "
+        "forward / backward / optimizer / data, % of a step |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for t, r in res["threads"].items():
+        parts = " / ".join(f"{100 * r['parts_share_of_step'][k]:.1f}"
+                           for k in ("forward", "backward", "optimizer", "data"))
+        lines.append(f"| {t} | {r['samples_per_s']:.0f} | {r['achieved_gflops']:.1f} | "
+                     f"{r['gemm_peak_gflops']:.1f} | {100 * r['share_of_peak']:.0f}% | {parts} |")
+    lines += ["", f"Goal: at least {100 * res['goal_share']:.0f}% of the peak: "
+              f"{'met' if res['goal_met'] else 'not met'}."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

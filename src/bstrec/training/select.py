@@ -44,7 +44,7 @@ from typing import Any
 from rich.console import Console
 
 from bstrec.config import ConfigError, from_dict, load_yaml
-from bstrec.data.io import atomic_file
+from bstrec.data.io import atomic_dir, atomic_file
 from bstrec.training.loop import BEST, LAST, TrainConfig
 from bstrec.training.task import RESULT, train_ranker
 
@@ -226,7 +226,8 @@ def select(samples_dir: str | Path, out_dir: str | Path, trials: Sequence[Trial]
     selected = None
     if chosen is not None:
         selected = out / SELECTED
-        _replace_tree(chosen.runs[chosen.best_seed()] / BEST, selected)
+        with atomic_dir(selected) as tmp:
+            shutil.copytree(chosen.runs[chosen.best_seed()] / BEST, tmp, dirs_exist_ok=True)
     selection = Selection(results, list(seeds), chosen, selected)
     with atomic_file(out / SELECTION_JSON) as tmp:
         tmp.write_text(json.dumps(selection.to_dict(), indent=2) + "\n")
@@ -295,18 +296,3 @@ def _check_reused(run: Path, trial: Trial, train_cfg: Mapping[str, Any]) -> None
 def _json(d: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(json.dumps(d))
     return out
-
-
-def _replace_tree(src: Path, dst: Path) -> None:
-    """Copy folder ``src`` to ``dst``, replacing what is there only once the copy is complete."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    old = dst.with_name(dst.name + ".old")
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    if old.exists():
-        shutil.rmtree(old)
