@@ -38,7 +38,15 @@ from bstrec.evaluation.evaluate import evaluate_runs
 from bstrec.training.loop import seed_model_init
 from bstrec.training.task import RESULT, train_ranker
 from bstrec.training.tensors import TensorSplit
-from common import machine, median, now, rewrite_sections, update_section, write_result
+from common import (
+    ensure_samples,
+    machine,
+    median,
+    now,
+    rewrite_sections,
+    update_section,
+    write_result,
+)
 from peers import PEERS, build_peer, peers_available
 
 DATASETS = {"synthetic-order": "synthetic-order", "ml100k-ctr": "ml-100k", "ml1m-ctr": "ml-1m"}
@@ -64,15 +72,6 @@ ALSO_COMPARE = (("bst_target_bn", "din"), ("bst_target_bn", "torch_rechub_bst"),
 
 def ranker_of(name: str) -> tuple[str, dict[str, Any]]:
     return ABLATIONS.get(name) or TUNED.get(name) or (name, {})
-
-
-def ensure_samples(protocol: str, root: Path, data_dir: str) -> Path:
-    from bstrec.data.build import build
-
-    out = root / "samples"
-    if not (out / "manifest.json").exists():
-        build(DATASETS[protocol], out, data_dir=Path(data_dir))
-    return out
 
 
 def train_cell(name: str, seed: int, samples: Path, run_dir: Path, train_cfg: dict[str, Any]
@@ -257,7 +256,7 @@ def parse_seeds_for(values: list[str]) -> dict[str, list[int]]:
 
 def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> None:
     root = Path(args.workdir) / protocol
-    samples = ensure_samples(protocol, root, args.data_dir)
+    samples = ensure_samples(DATASETS[protocol], root / "samples", args.data_dir)
     manifest = json.loads((samples / "manifest.json").read_text())
     train_cfg = {"max_epochs": args.max_epochs, "patience": args.patience,
                  "batch_size": args.batch_size, "lr": args.lr}

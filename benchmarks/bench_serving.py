@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, timed, update_section, write_result
+from common import ensure_samples, machine, now, timed, update_section, write_result
 from tune_bst import TRIALS
 
 GOAL_P99_MS, GOAL_CLIENTS = 20.0, 4
@@ -71,15 +71,6 @@ def niced(args: list[str]) -> None:
     cmd = ["nice", "-n", "5", sys.executable, __file__, *args]
     print("  $", " ".join(cmd[3:]))
     subprocess.run(cmd, check=True)
-
-
-def ensure_samples(work: Path, data_dir: str) -> Path:
-    out = work / "samples"
-    if not (out / "manifest.json").exists():
-        from bstrec.data.build import build
-
-        build("ml-1m", out, data_dir=Path(data_dir))
-    return out
 
 
 def ensure_ranker(work: Path, samples: Path, given: str | None, steps: int,
@@ -854,7 +845,7 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print("samples, ranker, two-tower, bundle ...")
-    samples = ensure_samples(work, args.data_dir)
+    samples = ensure_samples("ml-1m", work / "samples", args.data_dir)
     ranker = ensure_ranker(work, samples, args.ranker, args.ranker_steps, args.ranker_config)
     two_tower = ensure_two_tower(work, samples)
     bundle = ensure_bundle(work, samples, ranker, two_tower, args.retrieved, args.ranked,

@@ -34,23 +34,18 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, timed, update_section, write_result
+from common import ensure_samples, machine, now, timed, update_section, write_result
 
 GOAL_SHARE = 0.5
 GEMM_N = 1024
 PARTS = ("data", "forward", "backward", "optimizer")
 
 
-def ensure_samples(work: Path, data_dir: str) -> tuple[Path, str]:
+def default_samples(work: Path, data_dir: str) -> tuple[Path, str]:
     """ML-1M P1 samples when the ML-1M files are present, else synthetic-order."""
-    from bstrec.data.build import build
-
     ml1m = (Path(data_dir) / "ml-1m").is_dir()
     protocol, dataset = ("ml1m-ctr", "ml-1m") if ml1m else ("synthetic-order", "synthetic-order")
-    out = work / protocol / "samples"
-    if not (out / "manifest.json").exists():
-        build(dataset, out, data_dir=Path(data_dir))
-    return out, protocol
+    return ensure_samples(dataset, work / protocol / "samples", data_dir), protocol
 
 
 def gemm_ms(reps: int) -> float:
@@ -146,6 +141,37 @@ def measure(step: Stepper, threads: list[int], rounds: int, steps: int, warmup: 
             for t, d in rows.items()}
 
 
+# op groups of the profile (self CPU time of torch.profiler's key averages), by op name prefix
+OP_GROUPS = {"matrix multiplies": ("aten::mm", "aten::addmm", "aten::bmm"),
+             "attention kernel": ("aten::_scaled_dot_product",),
+             "dropout's random numbers": ("aten::bernoulli",)}
+
+
+def profile_ops(step: Stepper, steps: int, threads: int, flops: dict[str, Any], batch: int
+                ) -> dict[str, Any]:
+    """Where a step's time goes at ``threads`` threads: torch.profiler's self CPU time per op
+    over ``steps`` steps, in ``OP_GROUPS`` and the rest, and the GFLOP/s of the matrix
+    multiplies alone (their counted FLOP over their own time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step.step()
+    ms = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    total = sum(ms.values())
+    groups = {g: sum(v for k, v in ms.items() if k.startswith(prefixes))
+              for g, prefixes in OP_GROUPS.items()}
+    groups["the rest"] = total - sum(groups.values())
+    mm_flop = sum(v for k, v in flops["train_flop_per_sample_by_op"].items()
+                  if k in ("aten.mm", "aten.addmm", "aten.bmm")) * batch
+    top = sorted(ms.items(), key=lambda kv: -kv[1])[:10]
+    return {"threads": threads, "steps": steps, "step_ms": total,
+            "groups_ms": groups, "groups_share": {g: v / total for g, v in groups.items()},
+            "matmul_gflops": mm_flop / (groups["matrix multiplies"] / 1e3) / 1e9,
+            "top_ops_ms": dict(top)}
+
+
 def summarize(timing: dict[str, Any], flops: dict[str, Any], batch: int) -> dict[str, Any]:
     out = {}
     train_f, fwd_f = flops["train_flop_per_sample"], flops["forward_flop_per_sample"]
@@ -193,7 +219,7 @@ def main() -> None:
         samples = Path(args.samples)
         protocol = json.loads((samples / "manifest.json").read_text()).get("protocol", "?")
     else:
-        samples, protocol = ensure_samples(Path(args.workdir), args.data_dir)
+        samples, protocol = default_samples(Path(args.workdir), args.data_dir)
     data = SampleSet.load(samples, splits=("train",))
     split = TensorSplit.from_frame(data.splits["train"], data.spec)
     torch.manual_seed(0)
@@ -209,6 +235,7 @@ def main() -> None:
     saved = torch.get_num_threads()
     stepper = Stepper(model, split, args.batch, args.optimizer)
     timing = measure(stepper, args.threads, args.rounds, args.steps, args.warmup, args.gemm_reps)
+    profile = profile_ops(stepper, args.steps, min(args.threads), flops, args.batch)
     torch.set_num_threads(saved)
     res = summarize(timing, flops, args.batch)
     for t, r in res.items():
@@ -225,7 +252,7 @@ def main() -> None:
         "step": "training/loop.py's per-step code: gather, forward, BCE, zero_grad(set_to_none), "
                 "backward, make_optimizer's step", "torch": torch.__version__,
         "rounds": args.rounds, "steps_per_round": args.steps, "gemm_n": GEMM_N,
-        "flops": flops, "threads": res, "goal_share": GOAL_SHARE,
+        "flops": flops, "threads": res, "profile": profile, "goal_share": GOAL_SHARE,
         "goal_met": best >= GOAL_SHARE, "loadavg_end": list(os.getloadavg()),
     }
     path = write_result(args.name, json.loads(json.dumps(result, default=str)))
@@ -257,6 +284,17 @@ def markdown(res: dict[str, Any]) -> str:
                            for k in ("forward", "backward", "optimizer", "data"))
         lines.append(f"| {t} | {r['samples_per_s']:.0f} | {r['achieved_gflops']:.1f} | "
                      f"{r['gemm_peak_gflops']:.1f} | {100 * r['share_of_peak']:.0f}% | {parts} |")
+    if "profile" in res:
+        pr = res["profile"]
+        peak = res["threads"][str(pr["threads"])]["gemm_peak_gflops"]
+        lines += ["", f"Where a step goes at {pr['threads']} thread(s) (torch.profiler, self CPU "
+                  f"time over {pr['steps']} steps, {pr['step_ms']:.0f} ms a step with the "
+                  "profiler on): " + ", ".join(f"{g} {100 * s:.0f}%"
+                                               for g, s in pr["groups_share"].items())
+                  + f". The matrix multiplies alone run at {pr['matmul_gflops']:.0f} GFLOP/s, "
+                  f"{100 * pr['matmul_gflops'] / peak:.0f}% of the GEMM peak; the attention "
+                  "kernel and dropout's random numbers cost that share of the step for a "
+                  "negligible share of the FLOP."]
     lines += ["", f"Goal: at least {100 * res['goal_share']:.0f}% of the peak: "
               f"{'met' if res['goal_met'] else 'not met'}."]
     return "\n".join(lines)

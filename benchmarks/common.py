@@ -84,3 +84,12 @@ def timed(fn: Callable[[], Any], reps: int) -> float:
         fn()
         out.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(out)
+
+
+def ensure_samples(dataset: str, out: Path, data_dir: str) -> Path:
+    """``out`` holding ``dataset``'s samples, built (``bstrec data build``) unless already there."""
+    if not (out / "manifest.json").exists():
+        from bstrec.data.build import build
+
+        build(dataset, out, data_dir=Path(data_dir))
+    return out

@@ -32,7 +32,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rank import DATASETS, ensure_samples
+from bench_rank import DATASETS
 from bstrec.evaluation.metrics import auc, auc_by_bucket
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.timebuckets import N_TIME_BUCKETS, bucket_edges, time_bucket_np
@@ -41,7 +41,7 @@ from bstrec.training.checkpoint import load_checkpoint
 from bstrec.training.loop import predict_logits
 from bstrec.training.task import RESULT
 from bstrec.training.tensors import TensorSplit
-from common import machine, now, update_section, write_result
+from common import ensure_samples, machine, now, update_section, write_result
 from peers import build_peer
 
 HOUR, MONTH = 3600, 30 * 86400
@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
     args = ap.parse_args()
     root = Path(args.workdir) / args.protocol
-    samples = ensure_samples(args.protocol, root, args.data_dir)
+    samples = ensure_samples(DATASETS[args.protocol], root / "samples", args.data_dir)
     frames = {s: pl.read_parquet(samples / "samples" / f"{s}.parquet")
               for s in ("train", "valid", "test")}
     train_users = frames["train"]["user_id"].unique()

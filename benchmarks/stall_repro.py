@@ -42,8 +42,9 @@ from bstrec.ranking import build_ranker
 from bstrec.training.loop import predict_logits, seed_model_init
 from bstrec.training.task import RESULT, train_ranker
 from bstrec.training.tensors import TensorSplit
-from common import machine, now
+from common import RESULTS, machine, now, update_section
 
+SECTION = "stall_synthetic-implicit"  # its BENCHMARKS.md section, rendered from results/ of it
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "bst": ("bst", {}),
     "bst_target_bn": ("bst", {"output": "target", "mlp_norm": "batch"}),
@@ -215,7 +216,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("artifacts/stall_repro"))
     ap.add_argument("--out", type=Path,
                     help="JSON file: this sweep is added to the sweeps already in it")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="only rewrite the BENCHMARKS.md section from --out")
     args = ap.parse_args()
+    if args.markdown_only:
+        out = (args.out or RESULTS / f"{SECTION}.json").resolve()
+        update_section(SECTION, markdown(json.loads(out.read_text()), out))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,6 +258,52 @@ def write(args: argparse.Namespace, datasets: dict[str, Any], results: list[dict
         args.earlier = old.get("sweeps", [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"sweeps": [*args.earlier, sweep]}, indent=2) + "\n")
+    if args.out.resolve().parent == RESULTS:
+        update_section(SECTION, markdown(json.loads(args.out.read_text()), args.out.resolve()))
+
+
+def markdown(res: dict[str, Any], path: Path) -> str:
+    """The BENCHMARKS.md section of a results file: each probe's valid AUC by step, and each
+    run's by epoch, grouped by variant, configuration and learning rate, seeds in order."""
+    probes: dict[tuple[str, str, float], dict[int, list[float]]] = {}
+    runs: dict[tuple[str, str, float], dict[int, list[float]]] = {}
+    steps: list[int] = []
+    for sweep in res["sweeps"]:
+        lr = sweep["train"]["lr"]
+        for p in sweep.get("probes", []):
+            key = (p["variant"], p["config"], p.get("lr", lr))
+            probes.setdefault(key, {})[p["seed"]] = [t["valid_auc"] for t in p["trace"]]
+            steps = steps or [t["step"] for t in p["trace"]]
+        for r in sweep.get("runs", []):
+            key = (r["variant"], r["config"], r.get("lr", lr))
+            runs.setdefault(key, {})[r["seed"]] = r["valid_auc_by_epoch"]
+    first = res["sweeps"][0]
+    lines = [
+        "## The stall at chance on synthetic-implicit (issue 23)",
+        "",
+        f"`python benchmarks/stall_repro.py ...` sweeps ({len(res['sweeps'])}, from "
+        f"{first['created']} to {res['sweeps'][-1]['created']}; each one's command, machine "
+        f"and data in `{path.relative_to(path.parents[2])}`): {first['dataset']['n_users']:,} "
+        "users of the large-catalogue implicit generator (P5 samples), Adam, batch "
+        f"{first['train']['batch_size']}. Variant taobao_like: item_zipf 0.4, category_zipf "
+        "0.6, category sources 0.2/0.1/0.1/0.6, 50-200 events a user, repeat_prob 0.2. Probes: "
+        "valid AUC (5,000 valid rows) every 50 steps of the first steps; a seed per line.",
+        "",
+        "| variant | configuration | lr | seed | " + " | ".join(f"step {s}" for s in steps)
+        + " |", "|---|---|---:|---:|" + "---:|" * len(steps)]
+    for (variant, config, lr), by_seed in probes.items():
+        for seed in sorted(by_seed):
+            lines.append(f"| {variant} | {config} | {lr:g} | {seed} | "
+                         + " | ".join(f"{a:.3f}" for a in by_seed[seed]) + " |")
+    if runs:
+        lines += ["", "Whole runs (valid AUC by epoch):", "",
+                  "| variant | configuration | lr | seed | valid AUC by epoch |",
+                  "|---|---|---:|---:|---|"]
+        for (variant, config, lr), by_seed in runs.items():
+            for seed in sorted(by_seed):
+                lines.append(f"| {variant} | {config} | {lr:g} | {seed} | "
+                             + ", ".join(f"{a:.4f}" for a in by_seed[seed]) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

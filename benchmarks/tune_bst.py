@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rank import DATASETS, ensure_samples
+from bench_rank import DATASETS
 from bstrec.training.task import RESULT, train_ranker
-from common import machine, now, update_section, write_result
+from common import ensure_samples, machine, now, update_section, write_result
 
 # name -> (BST config overrides, train config overrides), against bench_rank.py's defaults
 TRIALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
     args = ap.parse_args()
     root = Path(args.workdir) / args.protocol
-    samples = ensure_samples(args.protocol, root, args.data_dir)
+    samples = ensure_samples(DATASETS[args.protocol], root / "samples", args.data_dir)
     base = {"max_epochs": args.max_epochs, "patience": 1, "batch_size": 256, "lr": 1e-3}
     path = Path(__file__).resolve().parent / "results" / f"tune_bst_{args.protocol}.json"
     # trials of earlier invocations: {name: {"model", "train", "n_parameters", "seeds": {seed:

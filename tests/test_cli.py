@@ -90,9 +90,18 @@ def test_quickstart_without_data_dir_falls_back_to_synthetic(
     assert (out / "two_tower" / "best").is_dir() and (out / "bundle" / "two_tower").is_dir()
     # trained, evaluated on test, compared with each reference in one line
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    assert metrics["n_test"] == manifest["splits"]["test"] and "bst" in metrics["models"]
+    # the ranker chosen on valid AUC among the BST and the baselines, all scored on test
+    selection = json.loads((out / "selection" / "selection.json").read_text())
+    chosen = selection["chosen"]["name"]
+    assert {t["name"] for t in selection["trials"]} == {"bst", "wdl", "wdl_seq", "din"}
+    assert set(metrics["models"]) == {"bst", "wdl", "wdl_seq", "din"}
+    assert metrics["n_test"] == manifest["splits"]["test"]
+    assert "## Model selection" in report and f"{chosen} (selected)" in report
     assert "## Evaluation (test split)" in report and "reference: rate_lr" in report
-    verdict = next(line for line in report.splitlines() if line.startswith("BST test AUC"))
+    bundle = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert bundle["ranker"]["model_name"] == chosen
+    verdict = next(line for line in report.splitlines()
+                   if line.startswith(f"Selected ranker {chosen}: test AUC"))
     assert "item rate (ref. a)" in verdict and "rate LR (ref. b)" in verdict
     assert verdict in text
     # served: the user's recent history beside recommendations from at least two sources
@@ -106,7 +115,7 @@ def test_quickstart_without_data_dir_falls_back_to_synthetic(
     assert "sources among the 10 recommendations" in text
     # every stage timed, and the total
     assert "## Time per stage" in report and "training the two-tower retriever" in report
-    for stage in ("training the BST ranker", "building the bundle", "serving", "total"):
+    for stage in ("selecting the ranker", "building the bundle", "serving", "total"):
         assert stage in text
     assert str((out / "report.md").resolve()) in res.output.replace("\n", "")
 

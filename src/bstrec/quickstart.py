@@ -1,7 +1,9 @@
 """The quickstart job: samples, the match stage (two-tower, item-to-item co-occurrence,
-popularity), a BST ranker, its offline evaluation against the count-based references, and the
-service answering one user's history and recommendations; on real data when the data directory
-holds it, synthetic data otherwise. Every stage is timed, and the times close the output."""
+popularity), the ranker chosen on valid AUC among a BST and the WDL, WDL(+Seq) and DIN baselines
+(``bstrec train ranker --select``), its offline evaluation against the count-based references,
+and the service answering one user's history and recommendations; on real data when the data
+directory holds it, synthetic data otherwise. Every stage is timed, and the times close the
+output."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -19,6 +21,9 @@ from rich.table import Table
 from bstrec.data.build import build
 from bstrec.data.loaders import available, resolve_data_dir
 from bstrec.data.report import manifest_markdown, print_manifest
+
+if TYPE_CHECKING:
+    from bstrec.training.select import Selection
 
 # Preference order: the BST setting first, then the complete smaller log, then synthetic data.
 PREFERENCE = ("ml-1m", "ml-100k")
@@ -29,12 +34,13 @@ Stages = Callable[[str], AbstractContextManager[Progress]]
 
 @dataclass(frozen=True)
 class Recipe:
-    """What the quickstart trains: config overrides of the BST (``BSTConfig``), of its training
-    (``TrainConfig``), of the two-tower (``TwoTowerConfig``) and of its training
-    (``RetrieverTrainConfig``); and the dataset loader's options."""
+    """What the quickstart trains: config overrides of the BST (``BSTConfig``), of the rankers'
+    training (``TrainConfig``, every trial of the selection alike), of the two-tower
+    (``TwoTowerConfig``) and of its training (``RetrieverTrainConfig``); and the dataset
+    loader's options."""
 
     bst: dict[str, Any]
-    bst_train: dict[str, Any]
+    ranker_train: dict[str, Any]
     two_tower: dict[str, Any]
     two_tower_train: dict[str, Any]
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -48,10 +54,11 @@ class Recipe:
 # one did not diverge. The full-width MLP and batch 512 were no better on valid. The two-tower
 # is bench_retrieval.py's default for one epoch: its first epoch already carries most of the
 # recall its later ones reach (benchmarks/results/retrieval_ml1m-retrieval.json,
-# two_tower_training.history).
+# two_tower_training.history). The baselines of the selection train with the BST's settings, so
+# that the selection compares models, not budgets.
 REAL = Recipe(
     bst={"output": "target", "mlp_norm": "batch", "mlp": [128, 64, 32], "ffn_mult": 2},
-    bst_train={"max_epochs": 1, "batch_size": 1024, "lr": 4e-3, "num_threads": 0},
+    ranker_train={"max_epochs": 1, "batch_size": 1024, "lr": 4e-3, "num_threads": 0},
     two_tower={},
     two_tower_train={"max_epochs": 1, "num_threads": 0},
 )
@@ -60,7 +67,7 @@ REAL = Recipe(
 TOY = Recipe(
     bst={"output": "target", "mlp_norm": "batch", "mlp": [16], "item_dim": 8, "cat_dim": 4,
          "pos_dim": 4, "heads": 2, "embed_dim": 4},
-    bst_train={"max_epochs": 1, "max_steps": 10, "batch_size": 256, "num_threads": 1},
+    ranker_train={"max_epochs": 1, "max_steps": 10, "batch_size": 256, "num_threads": 1},
     two_tower={"dim": 16, "token_dim": 16, "feat_dim": 4, "user_hidden": [32],
                "item_hidden": [32]},
     two_tower_train={"max_epochs": 1, "batch_size": 256, "eval_queries": 500, "num_threads": 1},
@@ -110,11 +117,13 @@ def run_quickstart(data_dir: Path | None, out: Path, console: Console, stages: S
     report.write_text(f"# bstrec quickstart: {name}\n\n## Samples\n\n"
                       + manifest_markdown(samples.manifest))
     print_manifest(console, samples.manifest, samples_dir)
-    tt_dir, run_dir = out / "two_tower", out / "bst"
+    tt_dir = out / "two_tower"
     train_two_tower_stage(recipe, samples_dir, tt_dir, console, clock)
-    train_bst(recipe, samples_dir, run_dir, console, clock)
-    evaluate_bst(samples_dir, run_dir, out / "evaluation", report, console, clock)
-    serve_and_query(samples_dir, run_dir, tt_dir, out, report, console, clock, user=user)
+    selection = select_ranker(recipe, samples_dir, out / "selection", console, clock)
+    evaluate_selection(samples_dir, selection, out / "evaluation", report, console, clock)
+    assert selection.selected is not None  # select() raises when nothing can be chosen
+    serve_and_query(samples_dir, selection.selected, tt_dir, out, report, console, clock,
+                    user=user)
     total = time.perf_counter() - start
     print_times(clock.seconds, total, report, console)
     console.print(f"artifacts: [bold]{out.resolve()}[/bold]")
@@ -148,45 +157,63 @@ def train_two_tower_stage(recipe: Recipe, samples_dir: Path, tt_dir: Path, conso
                                               for key in k) + " on valid queries (protocol P2)")
 
 
-def train_bst(recipe: Recipe, samples_dir: Path, run_dir: Path, console: Console,
-              clock: StageClock) -> None:
-    """The BST ranker of ``recipe``; its valid AUC picks the best epoch."""
+def select_ranker(recipe: Recipe, samples_dir: Path, sel_dir: Path, console: Console,
+                  clock: StageClock) -> Selection:
+    """The recipe's BST and the baselines, one seed each, the best on valid AUC kept in
+    ``sel_dir/selected`` (``bstrec train ranker --select``; the test split is not read)."""
     import shutil
 
-    from bstrec.training.task import train_ranker
+    from bstrec.training.select import Trial, select, with_baselines
 
-    with clock("training the BST ranker") as progress:
-        progress(f"training BST ({recipe.bst_train['max_epochs']} epoch, batch "
-                 f"{recipe.bst_train['batch_size']})")
-        shutil.rmtree(run_dir, ignore_errors=True)  # a new run each time, not a resumed one
-        train_ranker("bst", samples_dir, run_dir, model_overrides=recipe.bst,
-                     train_overrides=recipe.bst_train, progress=False, console=console)
+    trials = with_baselines([Trial("bst", "bst", dict(recipe.bst))])
+    with clock("selecting the ranker") as progress:
+        progress(f"training {', '.join(t.name for t in trials)} ("
+                 f"{recipe.ranker_train['max_epochs']} epoch, batch "
+                 f"{recipe.ranker_train['batch_size']}) and keeping the best on valid AUC")
+        shutil.rmtree(sel_dir, ignore_errors=True)  # new runs each time, not reused ones
+        selection = select(samples_dir, sel_dir, trials, seeds=(0,),
+                           train_overrides=recipe.ranker_train)
+    chosen = selection.chosen
+    assert chosen is not None  # select() raises when nothing can be chosen
+    console.print(f"selected on valid AUC: [bold]{chosen.trial.name}[/bold] "
+                  f"({chosen.mean_auc:.4f}; " + ", ".join(
+                      f"{r.trial.name} {r.mean_auc:.4f}" for r in selection.trials
+                      if r is not chosen) + ")")
+    return selection
 
 
-def evaluate_bst(samples_dir: Path, run_dir: Path, eval_dir: Path, report: Path,
-                 console: Console, clock: StageClock) -> dict[str, Any]:
-    """``bstrec evaluate`` of the quickstart's BST on the test split, with the references, and
-    whether the BST beats each of them. Returns the evaluation's metrics."""
+def evaluate_selection(samples_dir: Path, selection: Selection, eval_dir: Path, report: Path,
+                       console: Console, clock: StageClock) -> dict[str, Any]:
+    """``bstrec evaluate`` of every trial of the selection on the test split, with the
+    references, and whether the chosen one beats each reference. Returns the metrics."""
     from bstrec.evaluation.evaluate import evaluate_runs
+    from bstrec.training.select import selection_markdown
 
+    chosen = selection.chosen
+    assert chosen is not None
+    runs = {r.trial.name: [r.runs[0]] for r in selection.trials}
     with clock("evaluating on the test split") as progress:
         progress("scoring the test split and writing the report")
-        eval_report = evaluate_runs(samples_dir, {"bst": [run_dir]}, eval_dir, n_boot=200)
+        other = next(n for n in runs if n != chosen.trial.name)  # the baselines are trials
+        eval_report = evaluate_runs(samples_dir, runs, eval_dir, n_boot=200,
+                                    compare=(chosen.trial.name, other))
     metrics: dict[str, Any] = json.loads((eval_dir / "metrics.json").read_text())
     table = Table(title=f"test split: {metrics['n_test']:,} samples")
     for col in ("model", "AUC", "GAUC", "logloss"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    lines = ["", "## Evaluation (test split)", "", "| model | AUC | GAUC | logloss |",
+    lines = ["", selection_markdown(selection).replace("# Model selection", "## Model selection"),
+             "## Evaluation (test split)", "", "| model | AUC | GAUC | logloss |",
              "|---|---:|---:|---:|"]
     for group in ("models", "references"):
         for model, row in metrics[group].items():
             cells = [f"{row[m]['mean']:.4f}" if row[m]["mean"] is not None else "n/a"
                      for m in ("auc", "gauc", "logloss")]
-            label = model if group == "models" else f"reference: {model}"
+            label = (f"reference: {model}" if group == "references" else
+                     f"{model} (selected)" if model == chosen.trial.name else model)
             table.add_row(label, *cells)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     console.print(table)
-    verdict = reference_verdict(metrics)
+    verdict = reference_verdict(metrics, chosen.trial.name)
     console.print(verdict, soft_wrap=True)
     lines += ["", verdict, "", f"Full report with plots: `{eval_report}`.", ""]
     with report.open("a") as f:
@@ -194,24 +221,24 @@ def evaluate_bst(samples_dir: Path, run_dir: Path, eval_dir: Path, report: Path,
     return metrics
 
 
-def reference_verdict(metrics: dict[str, Any]) -> str:
-    """One line: the BST's test AUC against each count-based reference (PROTOCOL.md P1.8)."""
+def reference_verdict(metrics: dict[str, Any], model: str) -> str:
+    """One line: ``model``'s test AUC against each count-based reference (PROTOCOL.md P1.8)."""
     from bstrec.evaluation.report import REFERENCE_NAMES
 
-    bst = metrics["models"]["bst"]["auc"]["mean"]
+    auc = metrics["models"][model]["auc"]["mean"]
     parts, behind = [], []
     for name, row in metrics["references"].items():
         ref = row["auc"]["mean"]
         label = REFERENCE_NAMES.get(name, name)
-        if bst is None or ref is None:
+        if auc is None or ref is None:
             parts.append(f"no AUC to compare with {label}")
             continue
-        beats = bst > ref
+        beats = auc > ref
         parts.append(f"{'beats' if beats else 'does NOT beat'} {label} {ref:.4f} "
-                     f"({bst - ref:+.4f})")
+                     f"({auc - ref:+.4f})")
         if not beats:
             behind.append(label)
-    head = f"BST test AUC {bst:.4f}: " if bst is not None else "BST: "
+    head = f"Selected ranker {model}: test AUC {auc:.4f}: " if auc is not None else f"{model}: "
     tail = "." if not behind else (
         f"; below {' and '.join(behind)}, this short run has learned nothing that counting does "
         "not give (bench_rank.py trains longer)")
@@ -248,13 +275,13 @@ def _item_label(item: dict[str, Any]) -> str:
     return f"{item['item_id']} {item['title']}" if item.get("title") else str(item["item_id"])
 
 
-def serve_and_query(samples_dir: Path, run_dir: Path, tt_dir: Path, out: Path, report: Path,
+def serve_and_query(samples_dir: Path, ranker: Path, tt_dir: Path, out: Path, report: Path,
                     console: Console, clock: StageClock, *, user: str | None = None,
                     k: int = 10) -> dict[str, Any]:
-    """Bundle the BST with the match stage (two-tower and its index, item-CF, popularity), serve
-    the bundle on a free loopback port, ask it over HTTP for one user's recent history and
-    recommendations, print them side by side and add them to the report. Returns the
-    recommendation response."""
+    """Bundle the ranker checkpoint ``ranker`` with the match stage (two-tower and its index,
+    item-CF, popularity), serve the bundle on a free loopback port, ask it over HTTP for one
+    user's recent history and recommendations, print them side by side and add them to the
+    report. Returns the recommendation response."""
     import secrets
 
     from bstrec.serving.app import create_app
@@ -266,7 +293,7 @@ def serve_and_query(samples_dir: Path, run_dir: Path, tt_dir: Path, out: Path, r
     with clock("building the bundle") as progress:
         progress("exporting the ranker and the user tower to ONNX, fitting item-CF and "
                  "popularity, indexing the item vectors")
-        build_bundle(samples_dir, run_dir, bundle_dir, retriever_dir=tt_dir)
+        build_bundle(samples_dir, ranker, bundle_dir, retriever_dir=tt_dir)
     who = user if user is not None else typical_user(samples_dir)
     key = secrets.token_urlsafe(16)
     with clock("serving") as progress:
