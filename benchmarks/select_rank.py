@@ -15,7 +15,7 @@ For each protocol (P1 ml1m-ctr, P3 ml100k-ctr, P4 synthetic-order, P5 synthetic-
 6. writes ``benchmarks/results/select_<protocol>.json`` and its BENCHMARKS.md section.
 
 The grid (``--grid``): ``bench`` (default) is three BST cells, the paper's configuration, the
-same with ``concat_scale`` and target output with BatchNorm, at lr 1e-3, plus the wdl, wdl_seq
+same with ``concat_scale="length"`` and target output with BatchNorm, at lr 1e-3, plus the wdl, wdl_seq
 and din baselines: what a 2-core machine trains on 3 seeds of P3-P5 in an hour. ``full`` is the
 CLI's 16-cell default grid (``bstrec.training.select.default_grid``); a YAML path is a grid file.
 Finished runs are reused, so a larger grid can be added to a finished one.
@@ -57,7 +57,7 @@ PROTOCOLS = {**DATASETS, "synthetic-implicit": "synthetic-implicit"}
 ORDER_OR_IMPLICIT = ("synthetic-order", "synthetic-implicit")
 BENCH_GRID = with_baselines([
     Trial("bst_paper", "bst"),
-    Trial("bst_concat_scaled", "bst", {"concat_scale": True}),
+    Trial("bst_concat_length", "bst", {"concat_scale": "length"}),
     Trial("bst_target_bn", "bst", {"output": "target", "mlp_norm": "batch"}),
 ])
 # torch-rechub's BST trains at a fifth of our BST's rate (bench_rank.py): left out by default

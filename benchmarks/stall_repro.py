@@ -51,7 +51,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # one change each from the paper's: normalisation alone, the target's output alone
     "bst_concat_bn": ("bst", {"mlp_norm": "batch"}),
     "bst_target": ("bst", {"output": "target"}),
-    "bst_concat_scaled": ("bst", {"concat_scale": True}),
+    "bst_concat_scaled": ("bst", {"concat_scale": "sqrt"}),  # named before "length" existed
+    "bst_concat_length": ("bst", {"concat_scale": "length"}),
 }
 TRAIN = {"optimizer": "adam", "lr": 1e-3, "batch_size": 256, "max_epochs": 3, "patience": 1}
 # Generator variants (ImplicitConfig fields) meant to be closer to a real Taobao log than the

@@ -1,6 +1,6 @@
 """Issue 23: every BST configuration (output concat/target x mlp_norm none/batch) leaves chance
 within a short training on a P5 ``synthetic-implicit`` log, on each of 5 seeds (and the paper's
-concat output scaled by 1/sqrt(L+1), ``concat_scale``).
+concat output scaled by 1/sqrt(L+1) and by 1/(L+1), ``concat_scale``).
 
 The log is small so that the 20 runs take about a minute on one thread: 300 users, and a
 catalogue of 2,000 items in 50 categories instead of the generator's 50,000 (at 300 users most
@@ -32,7 +32,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "concat_batch": {"output": "concat", "mlp_norm": "batch"},
     "target_none": {"output": "target", "mlp_norm": "none"},
     "target_batch": {"output": "target", "mlp_norm": "batch"},
-    "concat_scaled": {"output": "concat", "mlp_norm": "none", "concat_scale": True},
+    "concat_sqrt": {"output": "concat", "mlp_norm": "none", "concat_scale": "sqrt"},
+    "concat_length": {"output": "concat", "mlp_norm": "none", "concat_scale": "length"},
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -258,13 +259,15 @@ def test_dropout_acts_in_training_only(dropout: float) -> None:
 
 # --- concat_scale -------------------------------------------------------------------------------
 
-def test_concat_scale_divides_the_sequence_part_of_the_mlp_input_by_sqrt_l_plus_1() -> None:
-    plain, scaled = bst(), bst(concat_scale=True)
+@pytest.mark.parametrize(("how", "by"), [("sqrt", lambda n: n ** 0.5), ("length", lambda n: n)])
+def test_concat_scale_divides_the_sequence_part_of_the_mlp_input(
+        how: str, by: Callable[[int], float]) -> None:
+    plain, scaled = bst(), bst(concat_scale=how)
     scaled.load_state_dict(plain.state_dict())  # same weights: only the switch differs
     seen: list[Tensor] = []
     for model in (plain, scaled):
         model.mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         logits(model, full_batch())
     n_seq = (plain.max_len + 1) * plain.config.token_dim
-    torch.testing.assert_close(seen[1][:, :n_seq], seen[0][:, :n_seq] / (plain.max_len + 1) ** 0.5)
+    torch.testing.assert_close(seen[1][:, :n_seq], seen[0][:, :n_seq] / by(plain.max_len + 1))
     torch.testing.assert_close(seen[1][:, n_seq:], seen[0][:, n_seq:])  # the other features

@@ -45,6 +45,7 @@ from bstrec.ranking.request import broadcast
 Batch = dict[str, Tensor]
 Position = Literal["time", "slot", "sinusoidal", "none"]
 Output = Literal["concat", "target"]
+ConcatScale = Literal["none", "sqrt", "length"]
 
 
 def sinusoidal_table(n: int, dim: int) -> Tensor:
@@ -78,14 +79,15 @@ class BSTConfig:
     ffn_mult: int = 4  # feed-forward width = ffn_mult * token width (the paper leaves it open)
     dropout: float = 0.2
     output: Output = "concat"  # all L+1 transformer outputs, or the target's only
-    # Not in the paper: output="concat" divided by sqrt(L+1). Adam moves every weight by about
-    # lr per step whatever its gradient, so a first-layer unit reading (L+1)*D LayerNorm'd
-    # inputs shifts (L+1) times as far per step as with the target's output alone; on the
-    # taobao_like variant of synthetic-implicit that pushed most units into LeakyReLU's flat
-    # side and held valid AUC at chance for hundreds of steps (issue 23,
-    # benchmarks/results/stall_synthetic-implicit.json). Off by default until it is measured
-    # on every protocol.
-    concat_scale: bool = False
+    # Not in the paper: output="concat" divided by sqrt(L+1) ("sqrt") or by L+1 ("length").
+    # Adam moves every weight by about lr per step whatever its gradient, so a first-layer unit
+    # reading the (L+1)*D LayerNorm'd inputs of the concatenation moves (L+1) times as far per
+    # step as one reading the target's output alone when the moves share a sign, sqrt(L+1)
+    # times when they do not. On the taobao_like variant of synthetic-implicit the moves shared
+    # a sign (the units' mean pre-activation drifted negative, most into LeakyReLU's flat side)
+    # and valid AUC stayed at chance for hundreds of steps; "sqrt" shortened that, "length"
+    # removed it (issue 23, benchmarks/results/stall_synthetic-implicit.json).
+    concat_scale: ConcatScale = "none"
     mlp: tuple[int, ...] = (1024, 512, 256)
     mlp_act: Activation = "leaky_relu"
     mlp_dropout: float = 0.0
@@ -248,8 +250,10 @@ class BST(nn.Module):
         # (B, (L+1)*D) with padding zeroed, or the target's (B, D)
         if self.config.output == "concat":
             seq = (x * keep.unsqueeze(-1).to(x.dtype)).flatten(1)
-            if self.config.concat_scale:
+            if self.config.concat_scale == "sqrt":
                 seq = seq / math.sqrt(self.max_len + 1)
+            elif self.config.concat_scale == "length":
+                seq = seq / (self.max_len + 1)
         else:
             seq = x[:, -1]
         logits: Tensor = self.mlp(torch.cat([seq, other], 1)).squeeze(-1)  # (B,)
