@@ -44,6 +44,7 @@ from bstrec.training.task import RESULT, train_ranker
 from bstrec.training.tensors import TensorSplit
 from common import RESULTS, machine, now, update_section
 
+LEFT_CHANCE = 0.55  # a probe's valid AUC from which it counts as off the plateau at chance
 SECTION = "stall_synthetic-implicit"  # its BENCHMARKS.md section, rendered from results/ of it
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "bst": ("bst", {}),
@@ -288,7 +289,29 @@ def markdown(res: dict[str, Any], path: Path) -> str:
         "users of the large-catalogue implicit generator (P5 samples), Adam, batch "
         f"{first['train']['batch_size']}. Variant taobao_like: item_zipf 0.4, category_zipf "
         "0.6, category sources 0.2/0.1/0.1/0.6, 50-200 events a user, repeat_prob 0.2. Probes: "
-        "valid AUC (5,000 valid rows) every 50 steps of the first steps; a seed per line.",
+        "valid AUC (5,000 valid rows) every 50 steps of the first steps; a seed per line. "
+        "Configurations: " + "; ".join(f"{n} {o or '(the paper: concat, no normalisation)'}"
+                                      for n, (_, o) in CONFIGS.items()) + ".",
+        "",
+        f"Plateau at chance, per configuration: the first probed step at which a seed's valid AUC "
+        f"reached {LEFT_CHANCE}, the slowest seed's (and the seeds), and the range at the last "
+        "step:",
+        "",
+        "| variant | configuration | lr | seeds | slowest seed left chance at step | by seed | "
+        "last step's AUC |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for (variant, config, lr), by_seed in probes.items():
+        left = [next((s for s, a in zip(steps, aucs, strict=False) if a >= LEFT_CHANCE), None)
+                for aucs in by_seed.values()]
+        slowest = "not by the last step" if None in left else str(max(s for s in left if s))
+        last = [aucs[-1] for aucs in by_seed.values()]
+        lines.append(f"| {variant} | {config} | {lr:g} | {len(by_seed)} | {slowest} | "
+                     + ", ".join("-" if s is None else str(s) for s in left)
+                     + f" | {min(last):.3f}-{max(last):.3f} |")
+    lines += [
+        "",
+        "Every probe:",
         "",
         "| variant | configuration | lr | seed | " + " | ".join(f"step {s}" for s in steps)
         + " |", "|---|---|---:|---:|" + "---:|" * len(steps)]
