@@ -287,8 +287,8 @@ def markdown(res: dict[str, Any], path: Path) -> str:
         f"{first['created']} to {res['sweeps'][-1]['created']}; each one's command, machine "
         f"and data in `{path.relative_to(path.parents[2])}`): {first['dataset']['n_users']:,} "
         "users of the large-catalogue implicit generator (P5 samples), Adam, batch "
-        f"{first['train']['batch_size']}. Variant taobao_like: item_zipf 0.4, category_zipf "
-        "0.6, category sources 0.2/0.1/0.1/0.6, 50-200 events a user, repeat_prob 0.2. Probes: "
+        f"{first['train']['batch_size']}. Variants: " + "; ".join(
+            f"{v} {o or '(the generator defaults)'}" for v, o in VARIANTS.items()) + ". Probes: "
         "valid AUC (5,000 valid rows) every 50 steps of the first steps; a seed per line. "
         "Configurations: " + "; ".join(f"{n} {o or '(the paper: concat, no normalisation)'}"
                                       for n, (_, o) in CONFIGS.items()) + ".",
@@ -304,7 +304,7 @@ def markdown(res: dict[str, Any], path: Path) -> str:
     for (variant, config, lr), by_seed in probes.items():
         left = [next((s for s, a in zip(steps, aucs, strict=False) if a >= LEFT_CHANCE), None)
                 for aucs in by_seed.values()]
-        slowest = "not by the last step" if None in left else str(max(s for s in left if s))
+        slowest = "not by the last step" if None in left else str(max(s for s in left if s is not None))
         last = [aucs[-1] for aucs in by_seed.values()]
         lines.append(f"| {variant} | {config} | {lr:g} | {len(by_seed)} | {slowest} | "
                      + ", ".join("-" if s is None else str(s) for s in left)
