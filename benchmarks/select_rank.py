@@ -15,8 +15,8 @@ For each protocol (P1 ml1m-ctr, P3 ml100k-ctr, P4 synthetic-order, P5 synthetic-
 6. writes ``benchmarks/results/select_<protocol>.json`` and its BENCHMARKS.md section.
 
 The grid (``--grid``): ``bench`` (default) is three BST cells, the paper's configuration, the
-same with ``concat_scale="length"`` and target output with BatchNorm, at lr 1e-3, plus the wdl, wdl_seq
-and din baselines: what a 2-core machine trains on 3 seeds of P3-P5 in an hour. ``full`` is the
+same with ``concat_scale="length"`` and target output with BatchNorm, at lr 1e-3, plus the wdl,
+wdl_seq and din baselines: small enough for 3 seeds on a 2-core machine. ``full`` is the
 CLI's 16-cell default grid (``bstrec.training.select.default_grid``); a YAML path is a grid file.
 Finished runs are reused, so a larger grid can be added to a finished one.
 
@@ -60,7 +60,8 @@ BENCH_GRID = with_baselines([
     Trial("bst_concat_length", "bst", {"concat_scale": "length"}),
     Trial("bst_target_bn", "bst", {"output": "target", "mlp_norm": "batch"}),
 ])
-# torch-rechub's BST trains at a fifth of our BST's rate (bench_rank.py): left out by default
+# torch-rechub's BST trains several times slower than ours (train_samples_per_s in
+# benchmarks/results/rank_*.json): left out by default
 DEFAULT_PEERS = ("torch_rechub_widedeep", "torch_rechub_din")
 
 
@@ -77,7 +78,7 @@ def goal(protocol: str, bootstraps: list[dict[str, Any]], chosen: str,
     """The issue's goal for ``protocol``'s kind of data, from the chosen model's bootstraps."""
     against = {b["b"]: b for b in bootstraps if b["a"] == chosen and b["b"] in peers}
     if not against:
-        return {"kind": "none", "met": None, "text": "no peer was tested"}
+        return {"kind": "no peer was tested", "met": None}
     if protocol in ORDER_OR_IMPLICIT:
         met = all(b["lo"] > 0 for b in against.values())
         return {"kind": "above every peer (lower bound > 0)", "met": met,

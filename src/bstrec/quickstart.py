@@ -201,7 +201,7 @@ def evaluate_selection(samples_dir: Path, selection: Selection, eval_dir: Path, 
     table = Table(title=f"test split: {metrics['n_test']:,} samples")
     for col in ("model", "AUC", "GAUC", "logloss"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    lines = ["", selection_markdown(selection).replace("# Model selection", "## Model selection"),
+    lines = ["", selection_markdown(selection, level=2),
              "## Evaluation (test split)", "", "| model | AUC | GAUC | logloss |",
              "|---|---:|---:|---:|"]
     for group in ("models", "references"):

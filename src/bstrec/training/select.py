@@ -258,9 +258,10 @@ def selection_rows(selection: Selection) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def selection_markdown(selection: Selection) -> str:
+def selection_markdown(selection: Selection, level: int = 1) -> str:
+    """selection.md; ``level``: its heading's level (2 inside another document)."""
     header, rows = selection_rows(selection)
-    lines = ["# Model selection (valid AUC)", "",
+    lines = [f"{'#' * level} Model selection (valid AUC)", "",
              f"Trials ranked by the mean over seeds {selection.seeds} of each run's best valid "
              "AUC; a trial with a stalled run is never chosen. The test split was not read.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
