@@ -324,7 +324,7 @@ def run_protocol(protocol: str, args: argparse.Namespace, started: float) -> Non
     res["notes"] = run_notes(names, train_results, args, out_of_time)
     path = write_result(f"rank_{protocol}", res)
     update_section(f"rank_{protocol}", markdown(res))
-    readme_status.README.write_text(readme_status.rendered_readme())
+    readme_status.write()
     print(f"{protocol}: wrote {path}, its BENCHMARKS.md section and README.md's status table; "
           f"report {report}")
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import re
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,15 +49,60 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """An exclusive lock across processes: benchmark scripts that finish at the same time
+    read-modify-write the same files."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def merge_result(name: str, key: str, value: Any) -> Path:
+    """Set ``key`` of ``results/<name>.json`` to ``value``, keeping its other keys: several
+    scripts each own one part of a shared results file (``scale.json``)."""
+    path = RESULTS / f"{name}.json"
+    with _locked(name):
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[key] = value
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def rendered_block(path: Path, key: str, body: str) -> str:
+    """``path``'s text with the block between ``<!-- key:start -->`` and ``<!-- key:end -->``
+    replaced by ``body``: figures in prose documents are rendered, never retyped."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    text = path.read_text()
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path} has no {start} ... {end} block")
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
+
+
+def write_or_check(path: Path, new: str, check: bool, script: str) -> int:
+    """Write ``new`` to ``path``; with ``check``, only compare and return 1 when it differs."""
+    if not check:
+        path.write_text(new)
+        print(f"rewrote {path}")
+        return 0
+    if new != path.read_text():
+        print(f"{path.name} differs from benchmarks/results: run `python {script}`", file=sys.stderr)
+        return 1
+    return 0
+
+
 def update_section(key: str, markdown: str) -> None:
     """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     block = f"{start}\n{markdown.strip()}\n{end}"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + block + "\n")
-    BENCHMARKS_MD.write_text(text)
+    with _locked("benchmarks_md"):
+        text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+        text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
+            text.rstrip() + "\n\n" + block + "\n")
+        BENCHMARKS_MD.write_text(text)
 
 
 def rewrite_sections(prefix: str, protocols: list[str],

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
-from common import RESULTS, ROOT
+from common import RESULTS, ROOT, rendered_block, write_or_check
 
 README = ROOT / "README.md"
-START, END = "<!-- status:start -->", "<!-- status:end -->"
 PROTOCOLS = ("synthetic-order", "ml1m-ctr", "ml100k-ctr")
 OURS = ("bst", "bst_target_bn")
 PEERS = ("torch_rechub_bst", "torch_rechub_din", "torch_rechub_widedeep")
@@ -60,29 +58,15 @@ def render() -> str:
         *intervals])
 
 
-def rendered_readme() -> str:
-    """README.md with its status block rendered from the results files."""
-    text = README.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{README} has no {START} ... {END} block")
-    return pattern.sub(lambda _: f"{START}\n{render()}\n{END}", text)
+def write(check: bool = False) -> int:
+    return write_or_check(README, rendered_block(README, "status", render()), check,
+                          "benchmarks/readme_status.py")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when stale")
-    args = ap.parse_args()
-    new = rendered_readme()
-    if args.check:
-        if new != README.read_text():
-            print("README.md's status table differs from benchmarks/results: run "
-                  "`python benchmarks/readme_status.py`", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    print(f"rewrote the status table of {README}")
-    return 0
+    return write(ap.parse_args().check)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,21 @@ def data_build(
         help="Dataset loader option, repeatable: e.g. n_users=500 for synthetic-order")] = None,
     lenient: Annotated[bool, typer.Option(
         help="Skip and count bad input rows instead of stopping at the first")] = False,
+    partitions: Annotated[int | None, typer.Option(
+        help="Build N partitions of the users (ranges balanced by events) one at a time, in "
+        "bounded memory; the same rows as in memory. "
+        "Default: in memory, or one partition per million events for a csv/parquet log of "
+        "two million events or more", min=1)] = None,
+    engine: Annotated[str, typer.Option(
+        help="Where the partitions run: local (this process) or dask (a cluster)")] = "local",
+    scheduler: Annotated[str | None, typer.Option(
+        help="dask: the scheduler's address (tcp://host:8786); the output folder must be on "
+        "storage every worker sees. Default: a local cluster of --workers processes")] = None,
+    workers: Annotated[int, typer.Option(
+        help="dask without --scheduler: local worker processes", min=1)] = 2,
 ) -> None:
     """Build point-in-time samples (Parquet + manifest.json) from a dataset."""
-    from bstrec.data.build import build
+    from bstrec.data.build import build, build_partitioned, wants_partitions
     from bstrec.data.schema import DataFormatError
     from bstrec.data.tabular import ColumnMapping
 
@@ -92,13 +104,23 @@ def data_build(
         dataset_options = {**file_cfg.get("dataset", {}), **parse_overrides(option or [])}
         mapping = ColumnMapping.parse(column) if column else None
         target = out or Path("artifacts") / dataset
+        partitioned = (partitions is not None or engine != "local" or scheduler is not None
+                       or wants_partitions(dataset, input_path))
         with stages(f"building {dataset} samples") as progress:
-            samples = build(dataset, target, data_dir=data_dir, input_path=input_path,
-                            mapping=mapping, strict=not lenient, sample_overrides=sample_overrides,
-                            dataset_options=dataset_options, progress=progress)
-    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as exc:
+            if partitioned:
+                manifest = build_partitioned(
+                    dataset, target, data_dir=data_dir, input_path=input_path, mapping=mapping,
+                    strict=not lenient, sample_overrides=sample_overrides,
+                    dataset_options=dataset_options, partitions=partitions, engine=engine,
+                    scheduler=scheduler, workers=workers, progress=progress)
+            else:
+                manifest = build(dataset, target, data_dir=data_dir, input_path=input_path,
+                                 mapping=mapping, strict=not lenient,
+                                 sample_overrides=sample_overrides,
+                                 dataset_options=dataset_options, progress=progress).manifest
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError) as exc:
         raise fail(str(exc)) from None
-    print_manifest(console, samples.manifest, target)
+    print_manifest(console, manifest, target)
 
 
 @data_app.command("stats")
@@ -187,6 +209,9 @@ def train_ranker_cmd(
         "train_overrides) replacing the default grid")] = None,
     baselines: Annotated[bool, typer.Option(
         help="With --select: add the wdl, wdl_seq and din baselines to the grid")] = True,
+    nproc: Annotated[int, typer.Option(
+        help="Data-parallel processes on this machine (torchrun; gloo on CPU, NCCL for "
+        "device=cuda, one GPU each), each on its slice of the same global batch_size")] = 1,
 ) -> None:
     """Train a ranker; early-stops on valid AUC and keeps the best epoch in OUT/best.
 
@@ -194,8 +219,11 @@ def train_ranker_cmd(
     OUT/selected."""
     from rich.table import Table
 
-    from bstrec.training.task import train_ranker
+    from bstrec.distributed.ddp import DistributedError, Job, launched_rank, run_job
+    from bstrec.training.loop import TrainResult
 
+    if select and nproc != 1:
+        raise fail("--nproc does not go with --select")
     if select:
         from bstrec.training.select import default_grid, load_grid, selection_rows, with_baselines
         from bstrec.training.select import select as run_selection
@@ -246,13 +274,17 @@ def train_ranker_cmd(
             raise ConfigError(f"{config}: unknown sections {unknown}; known: model, train")
         model_overrides = {**file_cfg.get("model", {}), **parse_overrides(set_ or [])}
         train_overrides = {**file_cfg.get("train", {}), **parse_overrides(train_ or [])}
-        result = train_ranker(model, samples, out, model_overrides=model_overrides,
-                              train_overrides=train_overrides, resume=resume,
-                              console=console)
+        job = Job("ranker", str(samples), str(out), model=model,
+                  model_overrides=model_overrides, train_overrides=train_overrides,
+                  resume=resume)
+        result = run_job(job, nproc, console=console)
     except KeyError as exc:  # an unknown model name in the registry
         raise fail(str(exc.args[0]) if exc.args else repr(exc)) from None
-    except (ValueError, OSError) as exc:  # ConfigError and CheckpointError are ValueErrors
+    except (ValueError, OSError, DistributedError) as exc:  # ConfigError, CheckpointError
         raise fail(str(exc)) from None
+    assert isinstance(result, TrainResult)
+    if launched_rank() > 0:
+        return  # under torchrun, rank 0 reports
     table = Table(title=f"{model} on {samples}")
     for col in ("epoch", "steps", "train loss", "valid AUC", "valid logloss", "samples/s"):
         table.add_column(col, justify="right")
@@ -343,8 +375,11 @@ def serve(
                                          envvar="BSTREC_BUNDLE")],
     host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000)")] = None,
-    store: Annotated[str | None, typer.Option(help="Feature store: embedded or redis")] = None,
-    redis_url: Annotated[str | None, typer.Option(help="redis://host:port/db")] = None,
+    store: Annotated[str | None, typer.Option(
+        help="Feature store: embedded, redis or redis_cluster")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        help="redis://host:port/db; redis_cluster: redis://host:port of one node or several, "
+        "comma-separated")] = None,
     store_path: Annotated[Path | None, typer.Option(help="Embedded store's SQLite file")] = None,
     seed_events: Annotated[Path | None, typer.Option(
         help="Load this samples folder's event log into the store at start")] = None,
@@ -408,18 +443,26 @@ def train_retriever_cmd(
         help="Popularity override, repeatable: half_life_days=30, ...")] = None,
     item_cf: Annotated[list[str] | None, typer.Option(
         "--item-cf", help="Item-CF override, repeatable: window=10, max_gap_days=30, ...")] = None,
+    nproc: Annotated[int, typer.Option(
+        help="Data-parallel processes on this machine (torchrun, gloo), each on its slice of "
+        "the same global batch_size")] = 1,
 ) -> None:
     """Train the two-tower (valid Recall@K picks the epoch), fit item-CF and popularity."""
-    from bstrec.retrieval.artifacts import train_retriever
+    from bstrec.distributed.ddp import DistributedError, Job, launched_rank, run_job
+    from bstrec.retrieval.train import RetrieverResult
 
     try:
-        result = train_retriever(samples, out, model_overrides=parse_overrides(set_ or []),
-                                 train_overrides=parse_overrides(train_ or []),
-                                 popular_overrides=parse_overrides(popular or []),
-                                 item_cf_overrides=parse_overrides(item_cf or []),
-                                 console=console)
-    except (ValueError, OSError) as exc:
+        job = Job("retriever", str(samples), str(out),
+                  model_overrides=parse_overrides(set_ or []),
+                  train_overrides=parse_overrides(train_ or []),
+                  popular_overrides=parse_overrides(popular or []),
+                  item_cf_overrides=parse_overrides(item_cf or []))
+        result = run_job(job, nproc, console=console)
+    except (ValueError, OSError, DistributedError) as exc:
         raise fail(str(exc)) from None
+    assert isinstance(result, RetrieverResult)
+    if launched_rank() > 0:
+        return  # under torchrun, rank 0 reports
     for h in result.history:
         console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, " + ", ".join(
             f"{k} {v:.4f}" for k, v in h.items() if k.startswith("valid_")))

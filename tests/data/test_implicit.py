@@ -144,7 +144,7 @@ def test_draws_follow_the_weights() -> None:
     n = 40_000
     for sampling, want in (("uniform", {1: 0.5, 2: 0.5}), ("popularity", {1: 0.75, 2: 0.25})):
         pool = negative_pool(events, sampling)  # type: ignore[arg-type]
-        drawn = pool.item_ids.gather(pool.draw(np.full(n, 5), rng)).to_list()
+        drawn = pool.item_ids.gather(pool.draw(np.full(n, 5), rng.random(n))).to_list()
         freq = {i: c / n for i, c in Counter(drawn).items()}
         assert freq.keys() == want.keys()
         assert all(abs(freq[i] - want[i]) < 0.01 for i in want), (sampling, freq)

@@ -144,3 +144,30 @@ def test_pq4_codes_are_rescored_exactly() -> None:
         FaissIndex(D, IndexConfig(kind="ivf", ivf_codes="pq4", pq_m=5))
     with pytest.raises(ValueError, match="ivf_codes"):
         IndexConfig(kind="ivf", ivf_codes="sq8")  # type: ignore[arg-type]
+
+
+def test_pq4_without_refine_keeps_codes_only() -> None:
+    """refine=0: no stored vectors (far fewer bytes), scores from the codes: the top k of the
+    codes, which refine=1 only reorders, and which a wider re-scoring (refine=4) improves."""
+    import faiss
+
+    ids, x, q = _data()
+    truth = _truth(x, ids, q, 10)
+    built = {}
+    for refine in (0, 1, 4):
+        cfg = IndexConfig(kind="ivf", nlist=16, nprobe=16, ivf_codes="pq4", pq_m=8, refine=refine)
+        index = build_index(ids, x, cfg)
+        assert isinstance(index, FaissIndex)
+        scores, got = index.search(q, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
+        built[refine] = (index, scores, got, recall)
+    codes, scores, got, recall = built[0]
+    assert isinstance(codes.index, faiss.IndexIVFPQFastScan)  # no IndexRefineFlat around it
+    assert faiss.serialize_index(codes.index).size * 3 < faiss.serialize_index(
+        built[4][0].index).size
+    exact = np.take_along_axis(q @ x.T, got - 1000, axis=1)
+    assert not np.allclose(scores, exact, rtol=1e-4, atol=1e-5)  # code scores, not re-scored
+    assert [set(row) for row in got] == [set(row) for row in built[1][2]]
+    assert recall == built[1][3] < built[4][3]
+    with pytest.raises(ValueError, match="refine"):
+        IndexConfig(kind="ivf", ivf_codes="pq4", refine=-1)

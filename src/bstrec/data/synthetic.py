@@ -74,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -701,18 +702,36 @@ def generate_implicit(config: ImplicitConfig = ImplicitConfig()) -> Dataset:
     """
     c = config
     world = build_implicit_world(c)
-    rng = np.random.default_rng([c.seed, 1, 1])
+    events = _implicit_events(world, np.random.default_rng([c.seed, 1, 1]), c.n_users)
+    items_table = pl.DataFrame({
+        "item_id": np.arange(1, world.n_items + 1, dtype=np.int64),
+        "category": [f"cat_{k}" for k in world.item_category.tolist()],
+    }, schema={"item_id": pl.Int64, "category": pl.String})
+    users_table = pl.DataFrame({"user_id": np.arange(1, c.n_users + 1, dtype=np.int64)},
+                               schema={"user_id": pl.Int64})
+    return Dataset(
+        name=IMPLICIT_NAME, events=events, items=items_table, users=users_table,
+        feedback="implicit",
+        meta={"protocol": "P5", "generator": "bstrec.data.synthetic.generate_implicit",
+              "config": dataclasses.asdict(c)},
+    )
+
+
+def _implicit_events(world: ImplicitWorld, rng: np.random.Generator, n_users: int,
+                     first_user: int = 1) -> pl.DataFrame:
+    """The events of ``n_users`` users (ids from ``first_user``) of ``generate_implicit``."""
+    c = world.config
     lo, hi = c.events_per_user
-    n_ev = rng.integers(lo, hi + 1, c.n_users)
+    n_ev = rng.integers(lo, hi + 1, n_users)
     w = world.category_weights()
     cat_cdf = np.cumsum(world.category_popularity)
     fresh_p = np.asarray(c.action_probs, dtype=np.float64)
     repeat_p = np.asarray(c.repeat_action_probs, dtype=np.float64)
 
     # Step through event positions, all users at once: each step reads the previous ones.
-    items = np.zeros((c.n_users, hi), dtype=np.int64)  # item index
-    actions = np.zeros((c.n_users, hi), dtype=np.int64)
-    recent = np.zeros((c.n_users, c.recent_window), dtype=np.int64)  # ring buffer of categories
+    items = np.zeros((n_users, hi), dtype=np.int64)  # item index
+    actions = np.zeros((n_users, hi), dtype=np.int64)
+    recent = np.zeros((n_users, c.recent_window), dtype=np.int64)  # ring buffer of categories
     for k in range(hi):
         users = np.flatnonzero(n_ev > k)
         m = users.shape[0]
@@ -743,18 +762,20 @@ def generate_implicit(config: ImplicitConfig = ImplicitConfig()) -> Dataset:
     filled = np.arange(hi)[None, :] < n_ev[:, None]  # (U, hi), row-major = user by user, in order
     item_idx = items[filled]
     action = actions[filled]
-    ev_user = np.repeat(np.arange(c.n_users, dtype=np.int64), n_ev)
+    ev_user = np.repeat(np.arange(n_users, dtype=np.int64), n_ev)
     n = int(n_ev.sum())
     user_first = np.cumsum(n_ev) - n_ev
     local = np.arange(n) - np.repeat(user_first, n_ev)
 
     # --- time, as in P4 without the drift
     is_start = (rng.random(n) < 1.0 / c.mean_session_length) | (local == 0)
-    tau = _activity_seconds(c, rng, is_start, ev_user, n_ev)
+    # the users of this call: a chunk of write_implicit_log's users, or all of them
+    tau = _activity_seconds(dataclasses.replace(c, n_users=n_users), rng, is_start, ev_user,
+                            n_ev)
     ts = _strictly_increasing(c.start_timestamp + np.floor(tau).astype(np.int64), ev_user)
 
-    events = pl.DataFrame({
-        "user_id": ev_user + 1,
+    return pl.DataFrame({
+        "user_id": ev_user + first_user,
         "item_id": item_idx + 1,
         "timestamp": ts,
         "action": np.asarray(ACTIONS)[action],
@@ -762,15 +783,37 @@ def generate_implicit(config: ImplicitConfig = ImplicitConfig()) -> Dataset:
         "event_id": None,
     }, schema={"user_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64,
                "action": pl.String, "value": pl.Float64, "event_id": pl.String})
-    items_table = pl.DataFrame({
-        "item_id": np.arange(1, world.n_items + 1, dtype=np.int64),
-        "category": [f"cat_{k}" for k in world.item_category.tolist()],
-    }, schema={"item_id": pl.Int64, "category": pl.String})
-    users_table = pl.DataFrame({"user_id": np.arange(1, c.n_users + 1, dtype=np.int64)},
-                               schema={"user_id": pl.Int64})
-    return Dataset(
-        name=IMPLICIT_NAME, events=events, items=items_table, users=users_table,
-        feedback="implicit",
-        meta={"protocol": "P5", "generator": "bstrec.data.synthetic.generate_implicit",
-              "config": dataclasses.asdict(c)},
-    )
+
+
+def write_implicit_log(config: ImplicitConfig, path: str | Path,
+                       users_per_chunk: int = 100_000) -> int:
+    """Write a ``generate_implicit``-like log of ``config.n_users`` users to one Parquet file,
+    chunk by chunk (memory bounded by a chunk, whatever the size): columns ``user_id``,
+    ``item_id``, ``timestamp``, ``action``, ``category`` (read it as ``--dataset parquet``).
+    Chunk k draws from its own seeded stream: the same world and rules as ``generate_implicit``
+    but not its events. Returns the number of events."""
+    import pyarrow.parquet as pq
+
+    if users_per_chunk < 1:
+        raise ValueError(f"users_per_chunk must be >= 1, got {users_per_chunk}")
+    world = build_implicit_world(config)
+    categories = pl.Series([f"cat_{k}" for k in range(config.n_categories)])
+    total = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for k, start in enumerate(range(0, config.n_users, users_per_chunk)):
+            n = min(users_per_chunk, config.n_users - start)
+            rng = np.random.default_rng([config.seed, 1, 2, k])
+            chunk = (_implicit_events(world, rng, n, first_user=start + 1)
+                     .select("user_id", "item_id", "timestamp", "action"))
+            cats = world.item_category[chunk["item_id"].to_numpy() - 1]
+            chunk = chunk.with_columns(categories.gather(cats).alias("category"))
+            table = chunk.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), table.schema)
+            writer.write_table(table)
+            total += chunk.height
+    finally:
+        if writer is not None:
+            writer.close()
+    return total

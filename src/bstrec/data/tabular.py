@@ -19,6 +19,7 @@ line. Parquet errors name the 1-based row.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +37,7 @@ from bstrec.data.reader import (
     record_skips,
 )
 from bstrec.data.schema import (
+    EVENT_SCHEMA,
     DataFormatError,
     Dataset,
     Feedback,
@@ -271,3 +273,145 @@ def load_table(
     name = path.name.split(".")[0] or path.name
     return Dataset(name=name, events=events, items=items, users=users_from_events(events),
                    feedback=feedback, meta=meta)
+
+
+def scan_table(
+    path: Path,
+    mapping: ColumnMapping,
+    *,
+    fmt: Format | None = None,
+    separator: str = ",",
+    has_header: bool = True,
+    strict: bool = True,
+    feedback: Feedback = "implicit",
+    timestamp_format: str | None = None,
+) -> ScannedLog:
+    """``load_table`` without loading the log: the same events, item and user tables, meta and
+    bad-row checks, as Polars' streaming engine computes them over a lazily scanned file, so a
+    log larger than memory can be written to the canonical layout (``ScannedLog.save``).
+
+    CSV: one record a line, a one-byte separator, no ``.gz`` (Polars scans plain files only);
+    errors name the line as if the file held no blank line.
+    """
+    path = Path(path)
+    fmt = fmt or _format_of(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if fmt == "csv":
+        if path.suffix == ".gz" or len(separator.encode()) != 1:
+            raise DataFormatError(path, "the out-of-core reader needs an uncompressed CSV with a "
+                                  "one-byte separator; decompress it, or build in memory")
+        lf = pl.scan_csv(path, separator=separator, has_header=has_header, infer_schema=False,
+                         quote_char='"')
+        first = 2 if has_header else 1
+    elif fmt == "parquet":
+        lf = pl.scan_parquet(path)
+        first = 1
+    else:
+        raise ValueError(f"fmt must be 'csv' or 'parquet', got {fmt!r}")
+    unit = "line" if fmt == "csv" else "row"
+    try:
+        schema = lf.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise DataFormatError(path, f"cannot read {fmt}: {err}") from err
+    mapped = mapping.mapped()
+    missing = [f"{src!r} (for {canon})" for canon, src in mapped.items() if src not in schema]
+    if missing:
+        raise DataFormatError(path, f"no column {', '.join(missing)}; the columns are: "
+                              f"{', '.join(schema.names())}")
+
+    checks = [_empty_check(c, mapped[c], schema[mapped[c]]) for c in ("user_id", "item_id")]
+    ts_expr, ts_checks = _timestamp(mapped["timestamp"], schema[mapped["timestamp"]],
+                                    timestamp_format)
+    checks += ts_checks
+    if mapping.action is not None:
+        checks.append(_empty_check("action", mapping.action, schema[mapping.action]))
+    if mapping.value is not None:
+        value = _text(mapping.value, schema[mapping.value]).cast(pl.Float64, strict=False)
+        present = _text(mapping.value, schema[mapping.value]).is_not_null()
+        checks.append((present & value.is_null(), _bad_value(mapping.value, "a number")))
+    is_bad = pl.any_horizontal([c.fill_null(False) for c, _ in checks])
+    problem = pl.coalesce([pl.when(c.fill_null(False)).then(msg) for c, msg in checks])
+    bad = (lf.with_row_index(LINE, offset=first).filter(is_bad)
+           .select(LINE, problem.alias("problem")))
+    n_rows = int(lf.select(pl.len()).collect(engine="streaming").item())
+    if n_rows == 0:
+        raise DataFormatError(path, "no data rows" if fmt == "csv" else "no rows")
+    first_bad = bad.head(1).collect(engine="streaming")
+    meta: dict[str, object] = {"source_file": path.name, "mapping": mapped}
+    if first_bad.height:
+        line, message = first_bad.row(0)
+        where = f"{unit} {line}: " if unit == "row" else ""
+        if strict:
+            raise DataFormatError(path, f"{where}{message}", line=line if unit == "line" else None)
+        skipped = int(bad.select(pl.len()).collect(engine="streaming").item())
+        if skipped == n_rows:
+            raise DataFormatError(path, f"no valid rows: all {skipped} rows are bad (first: "
+                                  f"{unit} {line}: {message})")
+        log.warning("%s: skipped %d bad rows (first: %s %d: %s)", path, skipped, unit, line,
+                    message)
+        meta["skipped_rows"] = {path.name: skipped}
+        lf = lf.filter(~is_bad)
+    elif not strict:
+        meta["skipped_rows"] = {path.name: 0}
+
+    def id_expr(col: str) -> pl.Expr:
+        # Int64 when every (good) value is an integer, else String: as load_table decides
+        dtype = schema[col]
+        if dtype.is_integer():
+            return pl.col(col).cast(pl.Int64)
+        text = _text(col, dtype)
+        if dtype.is_float() or not _is_text(dtype):
+            return text
+        not_int = lf.select(text.cast(pl.Int64, strict=False).is_null().any()
+                            ).collect(engine="streaming").item()
+        return text if not_int else text.cast(pl.Int64)
+
+    cols = [id_expr(mapping.user_id).alias("user_id"), id_expr(mapping.item_id).alias("item_id"),
+            ts_expr.alias("timestamp")]
+    for canon in ("action", "value", "event_id"):
+        src = mapped.get(canon)
+        cols.append(((_text(src, schema[src]).cast(pl.Float64) if canon == "value"
+                      else _text(src, schema[src])) if src is not None
+                     else pl.lit("interaction" if canon == "action" else None))
+                    .cast(EVENT_SCHEMA[canon]).alias(canon))
+    events = lf.select(cols)
+    # items_from_events and users_from_events, as streaming aggregations
+    ids = {c: events.select(pl.col(c).unique()).collect(engine="streaming").sort(c)
+           for c in ("user_id", "item_id")}
+    items = ids["item_id"].with_columns(pl.lit(None, dtype=pl.String).alias("category"))
+    if mapping.category is not None:
+        known = (lf.select(cols[1], _text(mapping.category, schema[mapping.category])
+                           .alias("category")).filter(pl.col("category").is_not_null())
+                 .group_by("item_id", "category").len().collect(engine="streaming")
+                 .sort(["item_id", "len", "category"], descending=[False, True, False])
+                 .group_by("item_id", maintain_order=True).first().select("item_id", "category"))
+        items = items.drop("category").join(known, on="item_id", how="left",
+                                            maintain_order="left")
+    users = ids["user_id"]
+    name = path.name.split(".")[0] or path.name
+    return ScannedLog(name, feedback, events, items, users, meta)
+
+
+@dataclass(frozen=True)
+class ScannedLog:
+    """A log read by ``scan_table``: lazy events, small item and user tables."""
+
+    name: str
+    feedback: Feedback
+    events: pl.LazyFrame
+    items: pl.DataFrame
+    users: pl.DataFrame
+    meta: dict[str, object]
+
+    def save(self, folder: Path) -> Path:
+        """The ``Dataset.save`` layout, the events streamed to Parquet (never all in memory)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.events.sink_parquet(folder / "events.parquet")
+        self.items.write_parquet(folder / "items.parquet")
+        self.users.write_parquet(folder / "users.parquet")
+        (folder / "dataset.json").write_text(json.dumps({
+            "name": self.name, "feedback": self.feedback, "user_features": [],
+            "item_features": [], "item_multi_features": [], "meta": self.meta}, indent=2))
+        return folder

@@ -1,8 +1,9 @@
 """The online feature store: what the ranker needs about a user and the candidates at request time.
 
-One interface, two backends (``store_embedded.py``: SQLite in-process, the default;
-``store_redis.py``: a Redis server). Per user it holds the last ``max_events`` behaviours and a
-profile; per item its features (``category`` and the attributes the feature spec reads).
+One interface, three backends (``store_embedded.py``: SQLite in-process, the default;
+``store_redis.py``: a Redis server, or a Redis Cluster whose shards each hold whole users). Per
+user it holds the last ``max_events`` behaviours and a profile; per item its features
+(``category`` and the attributes the feature spec reads).
 
 The behaviour order is the offline one (data/samples.py, protocol P1): by timestamp, then item
 id. Full ties (same second, same item) are broken by event id where the offline builder keeps file
@@ -120,7 +121,8 @@ class LoadReport:
 class StoreConfig:
     """Which store and how (``bstrec.config.from_dict`` fills it; unknown keys are errors)."""
 
-    backend: Literal["embedded", "redis"] = "embedded"
+    # redis_cluster: a Redis Cluster; ``url`` names one node or several, comma-separated
+    backend: Literal["embedded", "redis", "redis_cluster"] = "embedded"
     # Behaviours kept per user: at least the ranker's max_len (20), with room for replays.
     max_events: int = 50
     # embedded: the SQLite file (WAL). "NORMAL" survives a crash of the process, "FULL" also one
@@ -137,8 +139,9 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if self.max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {self.max_events}")
-        if self.backend not in ("embedded", "redis"):
-            raise ValueError(f"backend must be 'embedded' or 'redis', got {self.backend!r}")
+        if self.backend not in ("embedded", "redis", "redis_cluster"):
+            raise ValueError("backend must be 'embedded', 'redis' or 'redis_cluster', got "
+                             f"{self.backend!r}")
         if self.synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {self.synchronous!r}")
 
@@ -232,6 +235,12 @@ class FeatureStore(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def shard_of(self, user_id: UserId | None) -> str:
+        """Which part of the backend serves ``user_id``'s keys (None: the item keys), so that
+        the service's breaker fails fast for that part alone; "" when one server holds
+        everything or the layout is not known yet."""
+        return ""
 
     # --- shared logic -------------------------------------------------------------------------
     def append(self, event: Event) -> bool:
@@ -337,11 +346,12 @@ def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def open_store(cfg: StoreConfig) -> FeatureStore:
     """The backend ``cfg`` names (imports redis only when asked for)."""
-    if cfg.backend == "redis":
+    if cfg.backend in ("redis", "redis_cluster"):
         from bstrec.features.store_redis import RedisStore
 
         return RedisStore(cfg.url, max_events=cfg.max_events, prefix=cfg.prefix,
-                          connect_timeout_s=cfg.connect_timeout_s, timeout_s=cfg.timeout_s)
+                          connect_timeout_s=cfg.connect_timeout_s, timeout_s=cfg.timeout_s,
+                          cluster=cfg.backend == "redis_cluster")
     from bstrec.features.store_embedded import EmbeddedStore
 
     Path(cfg.path).parent.mkdir(parents=True, exist_ok=True)

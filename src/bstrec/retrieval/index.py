@@ -10,6 +10,16 @@ Notation: N indexed vectors, Q queries, D width, k results per query.
   exactly against the stored vectors (IndexRefineFlat). Scanning float vectors one query at a
   time cannot keep up with exact search done as one matrix product over a batch of queries;
   scanning 16-byte codes can, and the exact re-scoring gives back the recall the codes lose.
+  ``refine=0`` keeps the codes only: no stored vectors, a fraction of the memory, codes' recall
+  (both measured by ``benchmarks/bench_ann.py --capacity``).
+- Sharding (``shards > 1``, FAISS kinds): item at insertion position p lives in shard
+  ``p % shards`` (round-robin, so the split stays balanced however items arrive), each shard an
+  index of the configured kind under an ``IndexIDMap`` that keeps the global positions, searched
+  together by ``faiss.IndexShards`` (one thread per shard), which merges the shards' top k.
+  An IVF index trains its coarse quantizer once and copies it into every shard, so that a
+  shard's lists mean the same as the unsharded index's. Exact (flat) search is identical to the
+  unsharded index's (ids and scores; items of equal score may come in another order): each
+  shard's top k holds every global top-k item that it stores.
 
 Every index maps its internal positions to caller ids (int64) itself, so that ``add`` works the
 same for all kinds (FAISS' HNSW has no ``add_with_ids``) and new items are searchable without a
@@ -18,7 +28,9 @@ the centroids it already has. Missing results (fewer than k vectors, or an IVF p
 too few) come back as id -1 with score -inf.
 
 On disk an index is a folder: ``index.json`` (kind, parameters, dim, count), ``ids.npy`` and
-either ``vectors.npy`` (exact) or ``index.faiss`` (FAISS' own format; nothing is unpickled).
+either ``vectors.npy`` (exact), ``index.faiss`` (FAISS' own format; nothing is unpickled) or,
+sharded, one ``shard_000.faiss``... per shard (FAISS cannot write an ``IndexShards``, and a file
+per shard is what a process serving one shard loads).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -57,11 +69,14 @@ class IndexConfig:
     nprobe: int = 32
     train_size: int = 100_000
     # IVF list contents (see the module docstring); pq4: sub-quantizers (must divide the
-    # width; 4 bits each) and how many times k candidates are re-scored exactly
+    # width; 4 bits each) and how many times k candidates are re-scored exactly (0: none,
+    # and no vectors stored for it)
     ivf_codes: IvfCodes = "flat"
     pq_m: int = 32
     refine: int = 4
     seed: int = 0
+    # FAISS kinds: split the items over this many sub-indexes searched together (see above)
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("exact", "flat", "hnsw", "ivf"):
@@ -69,9 +84,13 @@ class IndexConfig:
         if self.ivf_codes not in ("flat", "pq4"):
             raise ValueError(f"ivf_codes must be flat|pq4, got {self.ivf_codes!r}")
         for name in ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe", "train_size",
-                     "pq_m", "refine"):
+                     "pq_m", "shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refine < 0:
+            raise ValueError(f"refine must be >= 0, got {self.refine}")
+        if self.kind == "exact" and self.shards > 1:
+            raise ValueError("shards > 1 needs a FAISS kind (flat|hnsw|ivf), not 'exact'")
 
 
 def _as_f32(x: npt.ArrayLike, dim: int | None = None) -> F32:
@@ -175,24 +194,36 @@ class FaissIndex(VectorIndex):
         self.config = config
         self.dim = dim
         self.ids = np.zeros(0, dtype=np.int64)
-        made: Any = index
-        if made is None:
-            if config.kind == "flat":
-                made = faiss.IndexFlatIP(dim)
-            elif config.kind == "hnsw":
-                made = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-                made.hnsw.efConstruction = config.ef_construction
-            else:
-                if config.ivf_codes == "pq4" and dim % config.pq_m:
-                    raise ValueError(f"pq_m={config.pq_m} does not divide the width {dim}")
-                made = self._make_ivf(config.nlist)
-        self.index = made
+        if index is None:
+            if config.kind == "ivf" and config.ivf_codes == "pq4" and dim % config.pq_m:
+                raise ValueError(f"pq_m={config.pq_m} does not divide the width {dim}")
+            parts = [self._make(config.nlist) for _ in range(config.shards)]
+            index = parts[0] if config.shards == 1 else _shard_set(
+                dim, [faiss.IndexIDMap(p) for p in parts])
+        elif config.shards > 1 and not (isinstance(index, faiss.IndexShards)
+                                        and cast(Any, index).count() == config.shards):
+            raise ValueError(f"the config says {config.shards} shards: expected a "
+                             f"faiss.IndexShards of as many, got {type(index).__name__}")
+        self.index = index
         self.set_search_params(ef_search=config.ef_search, nprobe=config.nprobe)
+
+    def _make(self, nlist: int) -> Any:
+        """One empty index of the configured kind (a shard, or the whole index)."""
+        import faiss
+
+        if self.config.kind == "flat":
+            return faiss.IndexFlatIP(self.dim)
+        if self.config.kind == "hnsw":
+            made = faiss.IndexHNSWFlat(self.dim, self.config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            made.hnsw.efConstruction = self.config.ef_construction
+            return made
+        return self._make_ivf(nlist)
 
     def _make_ivf(self, nlist: int) -> Any:
         import faiss
 
-        codes = "Flat" if self.config.ivf_codes == "flat" else f"PQ{self.config.pq_m}x4fs,RFlat"
+        codes = "Flat" if self.config.ivf_codes == "flat" else f"PQ{self.config.pq_m}x4fs" + (
+            ",RFlat" if self.config.refine else "")
         made = faiss.index_factory(self.dim, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
         if self.config.ivf_codes == "pq4":
             # FAISS codes the vectors themselves under inner product; q.x = q.c + q.(x - c)
@@ -201,23 +232,33 @@ class FaissIndex(VectorIndex):
             faiss.extract_index_ivf(made).by_residual = True
         return made
 
-    def _ivf(self) -> Any:
-        """The IVF part of an ``ivf`` index (inside the refine wrapper for pq4)."""
+    def parts(self) -> list[Any]:
+        """The indexes of the configured kind: the index itself, or one per shard (unwrapped
+        from ``IndexShards`` and ``IndexIDMap``)."""
         import faiss
 
-        return faiss.extract_index_ivf(self.index)
+        if self.config.shards == 1:
+            return [self.index]
+        members: list[Any] = [faiss.downcast_index(self.index.at(i))
+                              for i in range(self.index.count())]
+        return [faiss.downcast_index(m.index) for m in members]
 
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Change the speed/recall trade-off of an HNSW (``ef_search``) or IVF (``nprobe``) index."""
-        if self.config.kind == "hnsw" and ef_search is not None:
-            self.index.hnsw.efSearch = ef_search
-        if self.config.kind == "ivf" and nprobe is not None:
-            self._ivf().nprobe = nprobe
-        if self.config.kind == "ivf" and self.config.ivf_codes == "pq4":
-            self.index.k_factor = float(self.config.refine)
+        import faiss
+
+        for part in self.parts():
+            if self.config.kind == "hnsw" and ef_search is not None:
+                part.hnsw.efSearch = ef_search
+            if self.config.kind == "ivf" and nprobe is not None:
+                faiss.extract_index_ivf(part).nprobe = nprobe
+            if self.config.kind == "ivf" and self.config.ivf_codes == "pq4" and self.config.refine:
+                part.k_factor = float(self.config.refine)
 
     def _train(self, vectors: F32) -> None:
         """IVF: fit the coarse quantizer on a seeded subsample; other kinds need no training."""
+        import faiss
+
         if self.index.is_trained:
             return
         rng = np.random.default_rng(self.config.seed)
@@ -225,15 +266,34 @@ class FaissIndex(VectorIndex):
         sample = vectors[rng.choice(n, min(n, self.config.train_size), replace=False)]
         # k-means wants at least ~39 points per centroid; fewer lists than asked on small data
         nlist = max(1, min(self.config.nlist, len(sample) // 39))
-        if nlist != self._ivf().nlist:
-            self.index = self._make_ivf(nlist)
-            self.set_search_params(nprobe=self.config.nprobe)
-        self._ivf().cp.seed = self.config.seed
-        self.index.train(sample)
+        # a fresh index when sharded: a shard's part is a view that dies with the old shards
+        trained = self.index
+        if self.config.shards > 1 or nlist != faiss.extract_index_ivf(trained).nlist:
+            trained = self._make_ivf(nlist)
+        faiss.extract_index_ivf(trained).cp.seed = self.config.seed
+        trained.train(sample)
+        if self.config.shards == 1:
+            self.index = trained
+        else:  # one k-means for all shards: copies of the trained, still empty, index
+            copies = [faiss.deserialize_index(faiss.serialize_index(trained))
+                      for _ in range(self.config.shards - 1)]
+            self.index = _shard_set(self.dim, [faiss.IndexIDMap(p) for p in [trained, *copies]])
+        self.set_search_params(nprobe=self.config.nprobe)
 
     def _add_vectors(self, vectors: F32) -> None:
+        import faiss
+
         self._train(vectors)
-        self.index.add(vectors)
+        if self.config.shards == 1:
+            self.index.add(vectors)
+            return
+        pos = np.arange(len(self), len(self) + len(vectors), dtype=np.int64)
+        for i in range(self.config.shards):
+            mine = pos % self.config.shards == i
+            if mine.any():
+                shard = faiss.downcast_index(self.index.at(i))
+                shard.add_with_ids(np.ascontiguousarray(vectors[mine]), pos[mine])
+        self.index.syncWithSubIndexes()  # IndexShards' ntotal, stale after adds to its members
 
     def _search_positions(self, queries: F32, k: int) -> tuple[F32, I64]:
         if self.index.ntotal == 0:
@@ -245,7 +305,27 @@ class FaissIndex(VectorIndex):
     def _save_vectors(self, folder: Path) -> None:
         import faiss
 
-        faiss.write_index(self.index, str(folder / "index.faiss"))
+        if self.config.shards == 1:
+            faiss.write_index(self.index, str(folder / "index.faiss"))
+            return
+        for i in range(self.index.count()):
+            faiss.write_index(self.index.at(i), str(folder / _shard_file(i)))
+
+
+def _shard_file(i: int) -> str:
+    return f"shard_{i:03d}.faiss"
+
+
+def _shard_set(dim: int, members: list[Any]) -> Any:
+    """``faiss.IndexShards`` over ``members`` (each an ``IndexIDMap`` whose ids are global
+    positions, so no id offsets); threaded: the shards are searched in parallel."""
+    import faiss
+
+    shards = faiss.IndexShards(dim, True)  # threaded
+    shards.successive_ids = False  # the members' ids are global already
+    for member in members:
+        shards.add_shard(member)
+    return shards
 
 
 def build_index(ids: npt.ArrayLike, vectors: npt.ArrayLike,
@@ -275,7 +355,14 @@ def load_index(folder: str | Path) -> VectorIndex:
     else:
         import faiss
 
-        index = FaissIndex(dim, cfg, faiss.read_index(str(root / "index.faiss")))
+        if cfg.shards == 1:
+            made = faiss.read_index(str(root / "index.faiss"))
+        else:
+            files = [root / _shard_file(i) for i in range(cfg.shards)]
+            if missing := [f.name for f in files if not f.exists()]:
+                raise FileNotFoundError(f"{root}: shard files {missing} missing")
+            made = _shard_set(dim, [faiss.read_index(str(f)) for f in files])
+        index = FaissIndex(dim, cfg, made)
     index.ids = np.load(root / "ids.npy", allow_pickle=False).astype(np.int64)
     if len(index) != int(meta["count"]):
         raise ValueError(f"{root}: {len(index)} ids but index.json says {meta['count']}")

@@ -5,6 +5,15 @@ The ranker loop (training/loop.py) optimises BCE on one logit per row; a retriev
 over a batch's user-item score matrix, so it has this small loop of its own. The checkpoint is
 the ranker's self-describing format (``training/checkpoint.py``: config, feature spec,
 vocabularies, safetensors weights) under the model name ``two_tower``.
+
+Data parallel (``bstrec train retriever --nproc N``, ``bstrec.distributed.ddp``): under an
+initialised process group every rank takes its slice of each global batch of the same seeded
+permutation, and the other ranks' positives join each row's logits as extra negatives (gathered
+with their gradient), so that every row is scored against the whole global batch as in one
+process, and DDP's average of the ranks' mean losses is the global batch's mean loss. What
+differs from one process: float reduction order, dropout masks and sampled extra negatives
+(each rank draws its own). Rank 0 evaluates (the others receive its metrics, so that all stop
+together) and writes; a global batch with fewer rows than processes is skipped.
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from bstrec.config import from_dict
 from bstrec.data.samples import SampleSet
+from bstrec.distributed.ddp import all_reduce_sum, gather_objects, world
 from bstrec.features.spec import FeatureSpec
 from bstrec.retrieval.catalog import Catalog, QuerySet, item_feature_names
 from bstrec.retrieval.loss import sampled_softmax_loss
@@ -32,8 +44,8 @@ from bstrec.retrieval.negatives import NegativeSampler, build_sampler, in_batch_
 from bstrec.retrieval.topk import list_metrics, top_k
 from bstrec.retrieval.two_tower import TwoTower, TwoTowerConfig
 from bstrec.training.checkpoint import load_checkpoint, save_checkpoint
-from bstrec.training.loop import all_cores, derive_seed, seed_model_init
-from bstrec.training.tensors import TensorSplit
+from bstrec.training.loop import default_threads, derive_seed, seed_model_init
+from bstrec.training.tensors import Batch, TensorSplit
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +106,100 @@ def build_two_tower(name: str, spec: FeatureSpec, overrides: dict[str, Any]) -> 
     return TwoTower(spec, from_dict(TwoTowerConfig, overrides, where="two_tower"))
 
 
+class _GatherRows(torch.autograd.Function):
+    """Every rank's (R, D) rows -> (world, R, D) on every rank, with the gradient: the backward
+    sums each rank's gradient of the gathered rows and hands each rank the part of its own.
+    (torch.distributed.nn.functional.all_gather does this too, but is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor) -> Tensor:
+        out = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, rows.contiguous())
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[dist.get_rank()]
+
+
+def _gather_padded(x: Tensor, rows: int, grad: bool) -> Tensor:
+    """(n, ...) on each rank, n <= rows -> (world * rows, ...): each rank's block zero-padded."""
+    padded = torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
+    if grad:
+        gathered: Tensor = _GatherRows.apply(padded)  # type: ignore[no-untyped-call]
+        return gathered.flatten(0, 1)
+    out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, padded)
+    return torch.cat(out)
+
+
+class _Objective(nn.Module):
+    """The training loss as one ``forward``, so that DistributedDataParallel (which hooks the
+    forward of the module it wraps) can sync the gradients of both towers."""
+
+    def __init__(self, model: TwoTower, cfg: RetrieverTrainConfig, item_cols: list[str],
+                 log_q_all: Tensor, catalog: Catalog, sampler: NegativeSampler | None,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.model, self.cfg, self.item_cols = model, cfg, item_cols
+        self.log_q_all, self.catalog = log_q_all, catalog
+        self.sampler, self.generator = sampler, generator
+
+    def forward(self, batch: Batch, global_rows: int, use_sampler: bool) -> Tensor:
+        """Mean sampled-softmax loss of the batch's rows (scalar), of a global batch of
+        ``global_rows``; ``use_sampler``: with the sampler's extra negatives."""
+        cfg, model = self.cfg, self.model
+        u = model.encode_users(batch)  # (B, D)
+        v = model.encode_items({c: batch[c] for c in self.item_cols})  # (B, D)
+        pos = batch["item"]
+        log_q = self.log_q_all[pos] if cfg.logq else None
+        extra = None
+        if use_sampler and self.sampler is not None:
+            scores = None
+            if cfg.negatives == "hard":
+                with torch.no_grad():
+                    model.eval()
+                    scores = u.detach() @ item_vectors(model, self.catalog).T  # (B, N)
+                    model.train()
+                    # the user's own history is no negative either
+                    scores.scatter_(1, batch["hist_item"], -torch.inf)
+            e_ids = self.sampler.sample(pos, self.generator, scores)  # (B, M)
+            uniq, inv = torch.unique(e_ids, return_inverse=True)
+            e_v = model.encode_items(self.catalog.batch(uniq))[inv]  # (B, M, D)
+            # without the correction, a log Q of 0 subtracts nothing
+            e_lq = self.sampler.log_q(e_ids) if cfg.logq else torch.zeros(e_ids.shape)
+            extra = (e_v, e_ids, e_lq)
+        neg = neg_ids = neg_lq = None
+        n_world, rank = world()
+        if n_world > 1:
+            # the other ranks' in-batch items, as extra negatives of every local row
+            rows = math.ceil(global_rows / n_world)
+            all_v = _gather_padded(v, rows, grad=True)  # (W*rows, D)
+            all_ids = _gather_padded(pos, rows, grad=False)  # (W*rows,), 0 = padding
+            # the sizes of Tensor.tensor_split's slices, with which the ranks took their rows
+            sizes = [global_rows // n_world + (r < global_rows % n_world) for r in range(n_world)]
+            keep = torch.cat([torch.arange(rows) < sizes[r] if r != rank
+                              else torch.zeros(rows, dtype=torch.bool) for r in range(n_world)])
+            others_v, others_ids = all_v[keep], all_ids[keep]
+            B = pos.shape[0]
+            neg = others_v.unsqueeze(0).expand(B, -1, -1)  # (B, G-B, D)
+            neg_ids = others_ids.unsqueeze(0).expand(B, -1)  # (B, G-B)
+            neg_lq = (self.log_q_all[others_ids].unsqueeze(0).expand(B, -1) if cfg.logq
+                      else torch.zeros(neg_ids.shape))
+        if extra is not None:
+            e_v, e_ids, e_lq = extra
+            if neg is None or neg_ids is None or neg_lq is None:
+                neg, neg_ids, neg_lq = e_v, e_ids, e_lq
+            else:
+                neg = torch.cat([neg, e_v], 1)
+                neg_ids = torch.cat([neg_ids, e_ids], 1)
+                neg_lq = torch.cat([neg_lq, e_lq], 1)
+        return sampled_softmax_loss(u, v, pos, temperature=cfg.temperature, log_q=log_q,
+                                    neg=neg, neg_ids=neg_ids, neg_log_q=neg_lq)
+
+
 @torch.no_grad()
 def item_vectors(model: TwoTower, catalog: Catalog, batch: int = 8192) -> torch.Tensor:
     """(N, D) vectors of every catalog row (reserved rows included, never retrieved)."""
@@ -132,7 +238,7 @@ def train_two_tower(samples: SampleSet, cfg: RetrieverTrainConfig | None = None,
     """Train on the train split, select the epoch on valid P2 queries; with ``out_dir`` write
     ``best/`` (checkpoint) and ``catalog.parquet``. Returns the best model (eval mode)."""
     cfg = cfg or RetrieverTrainConfig()
-    torch.set_num_threads(cfg.num_threads or all_cores())
+    torch.set_num_threads(cfg.num_threads or default_threads())
     spec = samples.spec
     catalog = Catalog.from_samples(samples)
     frame = samples.splits["train"]
@@ -144,6 +250,10 @@ def train_two_tower(samples: SampleSet, cfg: RetrieverTrainConfig | None = None,
     if len(valid) > cfg.eval_queries:
         valid = valid.subset(np.sort(rng.choice(len(valid), cfg.eval_queries, replace=False)))
 
+    n_world, rank = world()
+    if cfg.batch_size % n_world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not divide among {n_world} "
+                         "processes: the global batch is split evenly")
     seed_model_init(cfg.seed)
     model = TwoTower(spec, model_cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,9 +263,14 @@ def train_two_tower(samples: SampleSet, cfg: RetrieverTrainConfig | None = None,
     if cfg.negatives != "none":
         sampler = build_sampler(cfg.negatives, counts, cfg.n_negatives,
                                 power=cfg.popularity_power, pool=cfg.hard_pool)
-    item_cols = item_feature_names(spec)
-    torch.manual_seed(derive_seed(cfg.seed, 2))
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 3))
+    # rank 0 keeps the one-process streams; the others draw their own
+    torch.manual_seed(derive_seed(cfg.seed, 2, *([rank] if rank else [])))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 3, *([rank] if rank else [])))
+    objective: nn.Module = _Objective(model, cfg, item_feature_names(spec), log_q_all, catalog,
+                                      sampler, gen)
+    if n_world > 1:
+        # some configs leave parameters out of the graph (encoder="mean": the summary token)
+        objective = DistributedDataParallel(objective, find_unused_parameters=True)
 
     result = RetrieverResult(best_epoch=0, best_valid=-1.0)
     best_state: dict[str, torch.Tensor] | None = None
@@ -166,49 +281,41 @@ def train_two_tower(samples: SampleSet, cfg: RetrieverTrainConfig | None = None,
     bar = Progress(TextColumn("two-tower epoch {task.fields[epoch]}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("loss {task.fields[loss]:.4f}"), console=console,
-                   disable=not (progress and console.is_terminal))
+                   disable=not (progress and rank == 0 and console.is_terminal))
     with bar:
         for epoch in range(1, cfg.max_epochs + 1):
             task = bar.add_task("", total=n_batches, epoch=epoch, loss=float("nan"))
             shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, 1, epoch))
+            order = torch.randperm(len(train), generator=shuffle)
             model.train()
-            loss_sum, seen = 0.0, 0
+            totals = torch.zeros(2, dtype=torch.float64)  # loss sum, rows: this rank's
             t0 = time.perf_counter()
-            for step, batch in enumerate(train.batches(cfg.batch_size, shuffle=True,
-                                                       generator=shuffle)):
-                u = model.encode_users(batch)  # (B, D)
-                v = model.encode_items({c: batch[c] for c in item_cols})  # (B, D)
-                pos = batch["item"]
-                neg = neg_ids = neg_lq = None
-                use_sampler = sampler is not None and (
-                    cfg.negatives != "hard" or epoch >= cfg.hard_from_epoch)
-                if use_sampler and sampler is not None:
-                    scores = None
-                    if cfg.negatives == "hard":
-                        with torch.no_grad():
-                            model.eval()
-                            scores = u.detach() @ item_vectors(model, catalog).T  # (B, N)
-                            model.train()
-                            # the user's own history is no negative either
-                            scores.scatter_(1, batch["hist_item"], -torch.inf)
-                    neg_ids = sampler.sample(pos, gen, scores)  # (B, M)
-                    uniq, inv = torch.unique(neg_ids, return_inverse=True)
-                    neg = model.encode_items(catalog.batch(uniq))[inv]  # (B, M, D)
-                    neg_lq = sampler.log_q(neg_ids) if cfg.logq else None
-                loss = sampled_softmax_loss(
-                    u, v, pos, temperature=cfg.temperature,
-                    log_q=log_q_all[pos] if cfg.logq else None,
-                    neg=neg, neg_ids=neg_ids, neg_log_q=neg_lq)
+            for step in range(n_batches):
+                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                m = int(rows.shape[0])
+                if m < n_world:
+                    continue  # a rank would get no row (see the module docstring)
+                mine = rows.tensor_split(n_world)[rank] if n_world > 1 else rows
+                batch = train.batch(mine)
+                use_sampler = cfg.negatives != "hard" or epoch >= cfg.hard_from_epoch
+                loss = objective(batch, m, use_sampler)
+                n = int(mine.shape[0])
+                # DDP averages the ranks' gradients: weight each mean by its share of the rows
+                scale = n * n_world / m
                 opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
+                (loss * scale if scale != 1.0 else loss).backward()
                 opt.step()
-                loss_sum += float(loss.detach()) * len(pos)
-                seen += len(pos)
+                totals += torch.tensor([float(loss.detach()) * n, n], dtype=torch.float64)
                 if step % 20 == 0 or step == n_batches - 1:
-                    bar.update(task, completed=step + 1, loss=loss_sum / seen)
+                    bar.update(task, completed=step + 1, loss=float(totals[0] / totals[1]))
             train_s = time.perf_counter() - t0
-            _, ids = retrieve(model, catalog, valid, cfg.eval_k)
-            metrics = list_metrics(ids, valid.targets, (10, cfg.eval_k))
+            loss_sum, seen = (float(x) for x in all_reduce_sum(totals))
+            metrics: dict[str, float] | None = None
+            if rank == 0:
+                _, ids = retrieve(model, catalog, valid, cfg.eval_k)
+                metrics = list_metrics(ids, valid.targets, (10, cfg.eval_k))
+            metrics = gather_objects(metrics)[0]
+            assert metrics is not None
             score = metrics[f"recall@{cfg.eval_k}"]
             result.history.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                                    **{f"valid_{k}": v for k, v in metrics.items()},
@@ -226,7 +333,7 @@ def train_two_tower(samples: SampleSet, cfg: RetrieverTrainConfig | None = None,
         model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - started
-    if out_dir is not None:
+    if out_dir is not None and rank == 0:
         save_retriever(out_dir, model, samples, catalog, cfg, result)
     return model, result
 

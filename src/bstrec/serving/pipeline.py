@@ -229,7 +229,7 @@ class Pipeline:
         if not use_store:
             return UserSnapshot(user, (), None)
         try:
-            return self.guard.call(lambda s: s.snapshot(user))
+            return self.guard.call(lambda s: s.snapshot(user), user=user)
         except StoreUnavailable as exc:
             reasons.append(f"feature store unavailable ({exc}): served without the user's "
                            "history and profile (cold start)")
@@ -249,7 +249,8 @@ class Pipeline:
             if version == table.version:
                 return table
             try:
-                changes = self.guard.call(lambda s: s.items_changed(table.version))
+                changes = self.guard.call(lambda s: s.items_changed(table.version),
+                                          items=True)
             except StoreUnavailable as exc:
                 reasons.append(f"feature store unavailable ({exc}): item features as last read")
                 return table
@@ -453,13 +454,16 @@ class Pipeline:
                          key=str)
         if unknown:
             # items added to the store after the bundle was built are known too
-            in_store = self.guard.call(lambda s: s.items(unknown))
+            in_store = self.guard.call(lambda s: s.items(unknown), items=True)
             missing = set(unknown) - set(in_store)
             problems += [(n, "item_id", f"unknown item {e.item_id!r}: not in the catalogue")
                          for n, e in parsed if e.item_id in missing]
         if problems:
             raise EventsRefused(sorted(problems))
         batch = [e for _, e in parsed]
-        flags = self.guard.call(lambda s: s.append_many(batch)) if batch else []
+        users = {e.user_id for e in batch}
+        # one user's events (the usual post) go through that user's shard's breaker
+        flags = self.guard.call(lambda s: s.append_many(batch),
+                                user=users.pop() if len(users) == 1 else None) if batch else []
         stored = sum(flags)
         return IngestResult(received=len(batch), stored=stored, ignored=len(batch) - stored)

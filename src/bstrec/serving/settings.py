@@ -19,8 +19,9 @@ class Settings(BaseSettings):
 
     bundle: Path = Field(description="Bundle directory served at start and by a plain reload")
     # the online feature store
-    store: Literal["embedded", "redis"] = "embedded"
+    store: Literal["embedded", "redis", "redis_cluster"] = "embedded"
     store_path: str = "artifacts/feature_store.sqlite"
+    # redis_cluster: one node or several, comma-separated, from which the others are learnt
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "bstrec"
     max_events: int = Field(50, ge=1, description="Behaviours kept per user")

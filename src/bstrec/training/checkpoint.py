@@ -10,7 +10,8 @@ Layout (written in one atomic rename, see ``bstrec.data.io.atomic_dir``)::
     vocab.json           the vocabularies that encode its inputs
     optimizer.safetensors  resumable checkpoints only: every tensor of the optimizer state as
                          ``state.{param_index}.{name}``, and the global torch RNG state as
-                         ``rng.torch`` (``rng.cuda`` too when CUDA is in use), uint8
+                         ``rng.torch`` (``rng.cuda`` too when CUDA is in use), uint8; a
+                         distributed run adds each other rank's as ``rng.rank{r}.torch``
     optimizer.json       resumable checkpoints only: the optimizer's non-tensor state
                          (param_groups hyperparameters, scalar state entries)
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,11 +96,13 @@ def save_checkpoint(
     metrics: Mapping[str, Any] | None = None,
     train_config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    rank_rng: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically (an existing one is replaced).
 
     With ``optimizer`` the checkpoint is resumable: it also holds the optimizer state and the
-    global torch RNG state as they are now. ``train_state``, ``metrics``, ``train_config`` and
+    global torch RNG state as they are now, or, with ``rank_rng``, every rank's ``rng_state()``
+    of a distributed run in rank order. ``train_state``, ``metrics``, ``train_config`` and
     ``extra`` (e.g. which samples it was trained on) must be JSON-serialisable.
     """
     target = Path(path)
@@ -110,7 +113,9 @@ def save_checkpoint(
         files = [WEIGHTS, SPEC, VOCAB]
         if optimizer is not None:
             tensors, plain = _flatten_optimizer(optimizer)
-            tensors.update(_rng_tensors())
+            ranks = rank_rng if rank_rng is not None else [rng_state()]
+            for rank, states in enumerate(ranks):
+                tensors.update({_rng_key(name, rank): t.cpu() for name, t in states.items()})
             save_file(tensors, str(tmp / OPTIM_TENSORS))
             (tmp / OPTIM_JSON).write_text(json.dumps(plain, indent=1) + "\n")
             files += [OPTIM_TENSORS, OPTIM_JSON]
@@ -226,14 +231,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> Non
         raise CheckpointError(f"{root}: optimizer state does not fit: {exc}") from None
 
 
-def restore_rng_state(path: str | Path) -> None:
-    """Set the global torch RNG (CPU, and CUDA when saved and available) to the saved state."""
+def restore_rng_state(path: str | Path, rank: int = 0) -> None:
+    """Set the global torch RNG (CPU, and CUDA when saved and available) to the state saved
+    for ``rank`` (0: the only one of a one-process run)."""
     tensors = _read_optimizer_tensors(Path(path))
-    if "rng.torch" not in tensors:
-        raise CheckpointError(f"{path}: no RNG state in {OPTIM_TENSORS}")
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    key = _rng_key("torch", rank)
+    if key not in tensors:
+        raise CheckpointError(f"{path}: no RNG state for rank {rank} in {OPTIM_TENSORS}")
+    torch.set_rng_state(tensors[key])
+    if _rng_key("cuda", rank) in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[_rng_key("cuda", rank)])
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
@@ -256,12 +263,18 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, plain
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's global RNG states: ``torch`` (CPU), and ``cuda`` once CUDA is in use."""
+    out = {"torch": torch.get_rng_state()}
     cuda_ready: Callable[[], bool] = torch.cuda.is_initialized  # never initialise CUDA here
     if torch.cuda.is_available() and cuda_ready():
-        out["rng.cuda"] = torch.cuda.get_rng_state()
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
+
+
+def _rng_key(name: str, rank: int) -> str:
+    # rank 0 keeps the key of one-process checkpoints, which stay readable as they were
+    return f"rng.{name}" if rank == 0 else f"rng.rank{rank}.{name}"
 
 
 def _read_optimizer_tensors(root: Path) -> dict[str, torch.Tensor]:

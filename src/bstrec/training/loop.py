@@ -18,6 +18,20 @@ is logged as a warning and recorded in ``TrainResult.chance_checks``; ``TrainRes
 says the returned model (the best epoch's) is still at chance, or that ``stall_action="stop"``
 ended the run at the first check at chance.
 
+Data parallel (``bstrec.distributed.ddp``): when a process group is initialised, ``train``
+wraps the model in ``DistributedDataParallel`` and keeps the one-process trajectory with the
+same global ``batch_size``: every rank draws the same seeded permutation and takes its slice
+(``batch_size / world`` rows) of each global batch. DDP averages the gradients of the ranks'
+mean losses, which, with equal slices, is the gradient of the global batch's mean loss; a last
+partial batch split unevenly is weighted so that this stays true. What differs: the float
+reduction order, dropout masks (each rank has its own stream, seeded from ``(seed, rank)``), and
+BatchNorm statistics (per rank). Rank 0 alone evaluates valid (the others receive its metrics,
+so that all ranks take the same early-stopping and stall decisions) and writes checkpoints.
+Checkpoints hold the unwrapped model and the position as global counts (epoch, batch, step), so
+a run resumes with another number of processes; with the same number, each rank also gets its
+own dropout RNG state back (bit-identical resume), with another, ranks re-seed from
+``(seed, rank, step)``.
+
 Output directory of a run (``out_dir``)::
 
     last/   resumable checkpoint (weights, optimizer, RNG, train state), every
@@ -52,7 +66,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from bstrec.distributed.ddp import (
+    all_reduce_sum,
+    broadcast_floats,
+    gather_objects,
+    local_device,
+    local_world_size,
+    world,
+)
 from bstrec.evaluation.metrics import auc
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.vocab import Vocabularies
@@ -62,6 +85,7 @@ from bstrec.training.checkpoint import (
     read_meta,
     restore_optimizer,
     restore_rng_state,
+    rng_state,
     save_checkpoint,
 )
 from bstrec.training.tensors import Batch, TensorSplit
@@ -175,6 +199,14 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainResult:
+        """The inverse of ``to_dict`` (e.g. a result read back from train_result.json)."""
+        data = dict(d)
+        data["history"] = [EpochStats(**h) for h in data.get("history", [])]
+        data["chance_checks"] = [ChanceCheck(**c) for c in data.get("chance_checks", [])]
+        return cls(**data)
+
 
 @dataclass
 class _State:
@@ -194,6 +226,7 @@ class _State:
     stop_reason: str = ""
     stalled: bool = False
     chance_checks: list[ChanceCheck] = field(default_factory=list)
+    world_size: int = 1  # processes of the run that wrote the state (checkpoints before: 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,6 +262,12 @@ def all_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Intra-op threads for ``num_threads=0``: this process's share of the cores (the local
+    ranks of a distributed run share them; oversubscribed cores slow every rank)."""
+    return max(1, all_cores() // local_world_size())
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -308,6 +347,9 @@ def train(
     called after every optimizer step, once any checkpoint for that step is written.
     The progress bar (shown only on a terminal) goes to ``console`` (default: stderr); pass the
     console your logging handler writes to, so that log lines print above the bar.
+
+    Under an initialised process group the run is data parallel (see the module docstring):
+    call it on every rank with the same arguments; ``batch_size`` must divide by the world size.
     """
     if out_dir is not None and info is None:
         raise ValueError("checkpoints need a ModelInfo: pass info=ModelInfo(name, spec, vocabs)")
@@ -316,7 +358,7 @@ def train(
     if len(train) == 0 or len(valid) == 0:
         raise ValueError(f"empty split: train has {len(train)} rows, valid {len(valid)}")
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.num_threads or all_cores())
+    torch.set_num_threads(cfg.num_threads or default_threads())
     try:
         run = _Run(model, train, valid, cfg, out_dir, info, on_step)
         return run.run(resume, progress, console or Console(stderr=True))
@@ -328,8 +370,14 @@ class _Run:
     def __init__(self, model: nn.Module, train: TensorSplit, valid: TensorSplit, cfg: TrainConfig,
                  out_dir: Path | None, info: ModelInfo | None,
                  on_step: Callable[[int, torch.Tensor], None] | None) -> None:
-        self.device = torch.device(cfg.device)
+        self.world, self.rank = world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} does not divide among {self.world} "
+                             "processes: the global batch is split evenly")
+        self.device = local_device(cfg.device)
         self.model = model.to(self.device)
+        # the module that runs the training forward: DDP syncs gradients during backward
+        self.net: nn.Module = self.model
         if self.device.type != "cpu":
             train = TensorSplit({k: v.to(self.device) for k, v in train.tensors.items()})
             valid = TensorSplit({k: v.to(self.device) for k, v in valid.tensors.items()})
@@ -347,11 +395,16 @@ class _Run:
               ) -> None:
         if self.out_dir is None or self.info is None:
             return
+        # every rank's RNG, so that a resume with as many processes redraws the same masks
+        rng = gather_objects(rng_state()) if resumable and self.world > 1 else None
+        if self.rank != 0:
+            return
         save_checkpoint(
             self.out_dir / name, self.model, self.info.name, self.info.spec, self.info.vocabs,
             optimizer=self.optimizer if resumable else None,
             train_state=self.state.to_dict() if resumable else None,
-            metrics=metrics, train_config=dataclasses.asdict(self.cfg), extra=self.info.extra)
+            metrics=metrics, train_config=dataclasses.asdict(self.cfg), extra=self.info.extra,
+            rank_rng=rng)
 
     def _start(self, resume: bool) -> None:
         last = self.out_dir / LAST if self.out_dir is not None else None
@@ -360,12 +413,12 @@ class _Run:
                     (self.out_dir / d).exists() for d in (LAST, BEST)):
                 raise FileExistsError(f"{self.out_dir} already holds a training run: resume it "
                                       "or choose another output directory")
-            torch.manual_seed(derive_seed(self.cfg.seed, _DROPOUT))
+            self._seed_dropout()
             return
         assert last is not None and self.out_dir is not None and self.info is not None
         if not last.exists():
             log.warning("no checkpoint in %s: starting from scratch", last)
-            torch.manual_seed(derive_seed(self.cfg.seed, _DROPOUT))
+            self._seed_dropout()
             return
         meta = read_meta(last)
         if meta.get("model_name") != self.info.name:
@@ -390,9 +443,25 @@ class _Run:
             self.best_weights = self._copy_weights()
         load_weights(self.model, last)
         restore_optimizer(self.optimizer, last)
-        restore_rng_state(last)
+        if self.state.world_size == self.world == 1:
+            restore_rng_state(last)
+        elif self.state.world_size == self.world:
+            restore_rng_state(last, rank=self.rank)
+        else:
+            # another process count splits each batch otherwise: no saved stream fits a rank
+            torch.manual_seed(derive_seed(self.cfg.seed, _DROPOUT, self.rank, self.state.step))
+            log.info("resuming a %d-process run on %d: dropout masks re-seeded",
+                     self.state.world_size, self.world)
+        self.state.world_size = self.world
         log.info("resuming %s at epoch %d, batch %d (step %d)", last, self.state.epoch + 1,
                  self.state.batch, self.state.step)
+
+    def _seed_dropout(self) -> None:
+        # rank 0 keeps the one-process stream; the others get their own
+        parts = (self.cfg.seed, _DROPOUT) if self.rank == 0 else (self.cfg.seed, _DROPOUT,
+                                                                  self.rank)
+        torch.manual_seed(derive_seed(*parts))
+        self.state.world_size = self.world
 
     def _copy_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -400,6 +469,13 @@ class _Run:
     # -- the loop -------------------------------------------------------------------------
     def run(self, resume: bool, progress: bool, console: Console) -> TrainResult:
         self._start(resume)
+        if self.world > 1:
+            # after the resume, so that DDP's broadcast of rank 0's weights finds them loaded
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # the graph is the same every step; static_graph also lets a config leave a
+            # parameter out of it (DDP would otherwise fail at the next step)
+            self.net = DistributedDataParallel(self.model, device_ids=ids, static_graph=True)
+        progress = progress and self.rank == 0
         cfg, state = self.cfg, self.state
         if state.finished:
             log.info("run in %s already finished (%s)", self.out_dir, state.stop_reason)
@@ -416,51 +492,69 @@ class _Run:
         return state.result()
 
     def _train_epoch(self, n_batches: int, bar: Progress, task: TaskID) -> None:
-        cfg, state, model = self.cfg, self.state, self.model
+        cfg, state, model = self.cfg, self.state, self.net
         shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, _SHUFFLE, state.epoch))
-        batches = self.train_split.batches(cfg.batch_size, shuffle=True, generator=shuffle,
-                                           start=state.batch)
-        loss_sum = torch.tensor(state.epoch_loss_sum, dtype=torch.float64, device=self.device)
+        order = torch.randperm(len(self.train_split), generator=shuffle)
+        # the epoch's loss so far is a global sum: rank 0 carries it, the others add theirs
+        base = state.epoch_loss_sum if self.rank == 0 else 0.0
+        loss_sum = torch.tensor(base, dtype=torch.float64, device=self.device)
+        # the bar's rows: those before this (re)start, and this rank's since
+        shown = state.epoch_samples
         model.train()
         started = time.perf_counter()
 
-        def flush() -> None:
-            # Fold the running totals into the state (the .item() also syncs an accelerator).
+        def clock() -> None:
             nonlocal started
             now = time.perf_counter()
-            state.epoch_loss_sum = float(loss_sum.item())
             state.epoch_seconds += now - started
             started = now
 
-        for batch in batches:
-            batch = _to(batch, self.device)
+        def sync() -> None:
+            # Fold the running totals into the state (a collective in a group; the .item() also
+            # syncs an accelerator): only where every rank calls it.
+            clock()
+            state.epoch_loss_sum = float(all_reduce_sum(loss_sum).item())
+
+        for b in range(state.batch, n_batches):
+            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            mine = rows.tensor_split(self.world)[self.rank] if self.world > 1 else rows
+            batch = _to(self.train_split.batch(mine), self.device)
             labels = batch["label"]
             logits = model(batch)
             if logits.shape != labels.shape:
-                raise ValueError(f"{type(model).__name__}.forward returned logits of shape "
+                raise ValueError(f"{type(self.model).__name__}.forward returned logits of shape "
                                  f"{tuple(logits.shape)}, expected {tuple(labels.shape)}")
-            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            n, m = int(labels.shape[0]), int(rows.shape[0])
+            if n * self.world == m:
+                loss = F.binary_cross_entropy_with_logits(logits, labels)
+                loss_sum += loss.detach().double() * n
+                objective = loss
+            else:
+                # an uneven last batch: DDP's average of these is the global batch's mean loss
+                total = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+                loss = total.detach() / max(n, 1)
+                loss_sum += total.detach().double()
+                objective = total * (self.world / m)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            objective.backward()  # type: ignore[no-untyped-call]
             if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            n = int(labels.shape[0])
-            loss_sum += loss.detach().double() * n
+            shown += n
             state.step += 1
             state.batch += 1
-            state.epoch_samples += n
+            state.epoch_samples += m
             if not bar.disable and (state.batch % 20 == 0 or state.batch == n_batches):
-                flush()
+                clock()
                 bar.update(task, completed=state.batch,
-                           loss=state.epoch_loss_sum / state.epoch_samples,
+                           loss=float(loss_sum.item()) / max(shown, 1),
                            rate=state.epoch_samples / max(state.epoch_seconds, 1e-9))
             hit_max_steps = bool(cfg.max_steps) and state.step >= cfg.max_steps
             if (cfg.stall_margin and cfg.stall_after and state.step == cfg.stall_after
                     and state.batch < n_batches and not hit_max_steps):
-                flush()
+                sync()
                 # eval mode draws no random numbers: the trajectory is the same as without it
-                auc_now = evaluate(self.model, self.valid_split, cfg.eval_batch_size)["auc"]
+                auc_now = self._evaluate()["auc"]
                 model.train()
                 if self._check_chance(auc_now) and cfg.stall_action == "stop":
                     state.finished, state.stop_reason = True, "stalled"
@@ -468,7 +562,7 @@ class _Run:
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
                     and state.batch < n_batches and not hit_max_steps
                     and self.out_dir is not None):
-                flush()
+                sync()
                 self._save(LAST, resumable=True)
                 started = time.perf_counter()  # checkpoint writing is not training time
             if self.on_step is not None:
@@ -477,11 +571,19 @@ class _Run:
                 state.finished, state.stop_reason = True, "max_steps"
             if state.finished:
                 break
-        flush()
+        sync()
+
+    def _evaluate(self) -> dict[str, float]:
+        """Valid AUC and logloss, computed by rank 0 and sent to the others."""
+        metrics = {"auc": float("nan"), "logloss": float("nan")}
+        if self.rank == 0:
+            metrics = evaluate(self.model, self.valid_split, self.cfg.eval_batch_size)
+        auc_, logloss = broadcast_floats([metrics["auc"], metrics["logloss"]], self.device)
+        return {"auc": auc_, "logloss": logloss}
 
     def _end_epoch(self) -> None:
         cfg, state = self.cfg, self.state
-        metrics = evaluate(self.model, self.valid_split, cfg.eval_batch_size)
+        metrics = self._evaluate()
         samples = max(state.epoch_samples, 1)
         stats = EpochStats(
             epoch=state.epoch + 1, steps=state.step,

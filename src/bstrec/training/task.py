@@ -25,6 +25,7 @@ import bstrec
 from bstrec.config import from_dict
 from bstrec.data.io import atomic_file
 from bstrec.data.samples import SPLITS, SampleSet
+from bstrec.distributed.ddp import is_lead, world
 from bstrec.evaluation.metrics import auc
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.vocab import Vocabularies
@@ -42,8 +43,8 @@ from bstrec.training.loop import (
     ModelInfo,
     TrainConfig,
     TrainResult,
-    all_cores,
     binary_logloss,
+    default_threads,
     predict_logits,
     seed_model_init,
     train,
@@ -78,7 +79,8 @@ def train_ranker(
     The model is built by ``bstrec.ranking.build_ranker`` (or ``builder``) after seeding with
     the train config's seed. With ``resume`` the configs saved in ``out_dir/last`` are the
     defaults, so that only what changes (e.g. ``max_epochs``) need be given again. The
-    progress bar goes to ``console`` (see ``bstrec.training.loop.train``).
+    progress bar goes to ``console`` (see ``bstrec.training.loop.train``). Under a process
+    group it is one rank of a data-parallel run (``bstrec.distributed.ddp``); rank 0 writes.
     """
     out = Path(out_dir)
     model_cfg: dict[str, Any] = {}
@@ -114,15 +116,17 @@ def train_ranker(
         "model_config": model_config_dict(model),
         "train_config": dataclasses.asdict(cfg),
         "n_parameters": n_params,
-        "threads": cfg.num_threads or all_cores(),
+        "threads": cfg.num_threads or default_threads(),
+        "processes": world()[0],
         "data": dict(info.extra),
         "best_checkpoint": BEST,
         "result": result.to_dict(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "bstrec_version": bstrec.__version__,
     }
-    with atomic_file(out / RESULT) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if is_lead():
+        with atomic_file(out / RESULT) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return result
 
 
