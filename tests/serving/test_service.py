@@ -88,8 +88,9 @@ def test_requests_on_the_event_loop_or_threads_answer_the_same(artifacts: Artifa
                 assert set(pool.map(call, range(12))) == {200}
             assert c.post("/events", json={"user_id": 3, "item_id": 5},
                           headers=AUTH).json()["received"] == 1
+    assert bodies[0]["request_id"] != bodies[1]["request_id"]  # one per answer
     for b in bodies:
-        del b["timings_ms"]
+        del b["timings_ms"], b["request_id"]
     assert bodies[0] == bodies[1] and len(bodies[0]["items"]) == 5
 
 

@@ -26,6 +26,7 @@ import os
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ from starlette.routing import BaseRoute, Match, Mount
 import bstrec
 from bstrec.data.schema import Dataset
 from bstrec.features.store import FeatureStore, StoreUnavailable, open_store
+from bstrec.monitoring.impressions import EventRow, ImpressionLog, ImpressionRow
 from bstrec.serving import schemas
 from bstrec.serving.bundle import BundleError, load_bundle
 from bstrec.serving.guard import StoreGuard
@@ -52,8 +54,10 @@ from bstrec.serving.pipeline import (
     MAX_ID_CHARS,
     EventsRefused,
     IncomingEvent,
+    IngestResult,
     NotFound,
     Pipeline,
+    Recommendation,
     RequestError,
 )
 from bstrec.serving.settings import Settings
@@ -74,6 +78,8 @@ INT_ID = r"^-?[0-9]{1,18}$"
 # On a refusal before the body was read: uvicorn then closes the connection after the answer
 # instead of reading (and dropping) the rest of the body to keep the connection alive
 CLOSE = {"Connection": "close"}
+# the experiment arm every answer is logged under until A/B tests split the traffic
+DEFAULT_ARM = "default"
 # by number: Starlette renamed these two constants (RFC 9110's names), older releases lack them
 CONTENT_TOO_LARGE, UNPROCESSABLE_CONTENT = 413, 422
 
@@ -114,6 +120,9 @@ class Service:
                 self.store.close()
             raise
         self.metrics.serving(self.pipeline.version)
+        log_config = settings.impression_log_config()
+        # last, so that a bundle that does not load leaves no writer thread behind
+        self.impressions = None if log_config is None else ImpressionLog(log_config)
         settle_heap()
 
     def _load(self, path: Path) -> Pipeline:
@@ -165,9 +174,35 @@ class Service:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    def log_recommendation(self, request_id: str, rec: Recommendation) -> None:
+        """One impression row per item shown (enqueued only: no I/O on the request path)."""
+        if self.impressions is None:
+            return
+        received = time.time()
+        user, degraded = str(rec.user_id), list(rec.degraded_reasons)
+        self.impressions.log_impressions([ImpressionRow(
+            request_id=request_id, user_id=user, ts=float(rec.request_time),
+            received_at=received, model_version=rec.model_version, arm=DEFAULT_ARM,
+            path=rec.path, degraded=degraded, position=n, item_id=str(item.item_id),
+            score=item.score, prerank_score=item.prerank_score, sources=list(item.sources))
+            for n, item in enumerate(rec.items)])
+
+    def log_events(self, request_ids: list[str | None], result: IngestResult) -> None:
+        """One event row per event of an ingested request (``request_ids`` in its order)."""
+        if self.impressions is None:
+            return
+        received = time.time()
+        self.impressions.log_events([EventRow(
+            request_id=rid, user_id=str(e.user_id), item_id=str(e.item_id), ts=float(e.timestamp),
+            event_id=e.event_id, received_at=received)
+            for rid, e in zip(request_ids, result.events, strict=True)])
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        # after the requests in flight: their rows are in the last batch
+        if self.impressions is not None:
+            self.impressions.close()
         if self.owns_store:
             self.store.close()
 
@@ -451,20 +486,27 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         now: int | None = Field(None, ge=0, le=MAX_NOW, description="Request time, unix seconds "
                                 "up to 2100-01-01 (replays); default: the server clock")
 
-    @app.get("/recommend", response_model=schemas.Recommendation, responses=invalid,
-             tags=["recommend"])
+    request_id_header: Responses = {200: {"headers": {"X-Request-ID": {
+        "description": "The answer's request_id, as in the body", "schema": {"type": "string"}}}}}
+
+    @app.get("/recommend", response_model=schemas.Recommendation,
+             responses=request_id_header | invalid, tags=["recommend"])
     async def recommend(query: Annotated[RecommendQuery, Query()]) -> Response:
         """Top k items for a user: match, pre-rank, BST rank, rules."""
         pipeline = svc.pipeline  # one bundle for the whole request, whatever reloads meanwhile
+        request_id = uuid.uuid4().hex  # the impression log's key, echoed back with the events
 
         def run() -> bytes:
             rec = pipeline.recommend(query.user_id, query.k, query.now)
             svc.metrics.observe(rec)
+            svc.log_recommendation(request_id, rec)
             # JSON straight from the validated model (pydantic-core), not through FastAPI's
             # response_model round trip via Python objects; the schema is the same
-            return schemas.Recommendation.model_validate(rec).model_dump_json().encode()
+            return schemas.Recommendation.model_validate(
+                {**vars(rec), "request_id": request_id}).model_dump_json().encode()
 
-        return Response(await svc.run(run), media_type=JSON)
+        return Response(await svc.run(run), media_type=JSON,
+                        headers={"X-Request-ID": request_id})
 
     @app.get("/users/{user_id}/history", response_model=schemas.History,
              dependencies=[] if settings.public_history else [Depends(read_key)],
@@ -526,6 +568,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
             raise
         svc.metrics.events.labels("stored").inc(result.stored)
         svc.metrics.events.labels("ignored").inc(result.ignored)
+        svc.log_events([e.request_id for e in batch], result)
         return schemas.IngestResult.model_validate(result)
 
     admin_router = APIRouter(route_class=key_first(check_admin))

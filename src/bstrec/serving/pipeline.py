@@ -145,6 +145,9 @@ class IngestResult:
     received: int
     stored: int
     ignored: int  # already stored (same event id), or older than the user's kept window
+    # the events as the store took them (ids parsed, timestamp and event id defaults filled),
+    # in the request's order: what the impression log records
+    events: tuple[Event, ...] = ()
 
 
 @dataclass
@@ -466,4 +469,5 @@ class Pipeline:
         flags = self.guard.call(lambda s: s.append_many(batch),
                                 user=users.pop() if len(users) == 1 else None) if batch else []
         stored = sum(flags)
-        return IngestResult(received=len(batch), stored=stored, ignored=len(batch) - stored)
+        return IngestResult(received=len(batch), stored=stored, ignored=len(batch) - stored,
+                            events=tuple(batch))

@@ -28,6 +28,8 @@ class RecommendedItem(_Model):
 
 
 class Recommendation(_Model):
+    request_id: str = Field(description="This answer's id (also in the X-Request-ID header): "
+                            "send it back with the events that follow it (POST /events)")
     user_id: Id
     items: list[RecommendedItem]
     model_version: str
@@ -74,6 +76,10 @@ class EventIn(_Model):
     timestamp: StrictInt | None = Field(None, ge=0, description="Unix seconds; default: now")
     event_id: StrictStr | None = Field(
         None, max_length=256, description="Idempotency key; default user:item:timestamp")
+    request_id: StrictStr | None = Field(
+        None, max_length=64, description="The request_id of the /recommend answer this event "
+        "follows (a click on a recommended item), for the impression log; per event, since one "
+        "batch may answer several recommendations")
 
 
 class EventBatch(_Model):

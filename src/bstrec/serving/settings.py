@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bstrec.features.store import StoreConfig
+from bstrec.monitoring.impressions import ImpressionLogConfig
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -67,6 +68,13 @@ class Settings(BaseSettings):
     # a time either way
     request_threads: int = Field(0, ge=0)
     verify_bundle: bool = True  # check every file's sha256 at load
+    # the impression log (monitoring/impressions.py): every /recommend answer and every event,
+    # in Parquet segments under this directory, written off the request path in batches of
+    # ``impression_flush_rows`` rows or every ``impression_flush_s`` seconds, flushed at
+    # shutdown; None: nothing is logged
+    impression_log: Path | None = None
+    impression_flush_rows: int = Field(1_000, ge=1)
+    impression_flush_s: float = Field(5.0, gt=0)
     # the web page mounted at / (API routes take precedence); None: no page
     static_dir: Path | None = WEB_DIR
     host: str = "127.0.0.1"
@@ -88,6 +96,12 @@ class Settings(BaseSettings):
         """The directory reload may load bundles from, symlinks and `..` resolved."""
         root = self.bundle_root if self.bundle_root is not None else self.bundle.resolve().parent
         return root.resolve()
+
+    def impression_log_config(self) -> ImpressionLogConfig | None:
+        if self.impression_log is None:
+            return None
+        return ImpressionLogConfig(self.impression_log, flush_rows=self.impression_flush_rows,
+                                   flush_interval_s=self.impression_flush_s)
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(backend=self.store, path=self.store_path, url=self.redis_url,
