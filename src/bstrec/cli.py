@@ -87,8 +87,8 @@ def data_build(
     scheduler: Annotated[str | None, typer.Option(
         help="dask: the scheduler's address (tcp://host:8786); the output folder must be on "
         "storage every worker sees. Default: a local cluster of --workers processes")] = None,
-    workers: Annotated[int, typer.Option(
-        help="dask without --scheduler: local worker processes", min=1)] = 2,
+    workers: Annotated[int | None, typer.Option(
+        help="dask without --scheduler: local worker processes (default 2)", min=1)] = None,
 ) -> None:
     """Build point-in-time samples (Parquet + manifest.json) from a dataset."""
     from bstrec.data.build import build, build_partitioned, wants_partitions
@@ -105,7 +105,7 @@ def data_build(
         mapping = ColumnMapping.parse(column) if column else None
         target = out or Path("artifacts") / dataset
         partitioned = (partitions is not None or engine != "local" or scheduler is not None
-                       or wants_partitions(dataset, input_path))
+                       or workers is not None or wants_partitions(dataset, input_path))
         with stages(f"building {dataset} samples") as progress:
             if partitioned:
                 manifest = build_partitioned(

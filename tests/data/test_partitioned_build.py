@@ -229,3 +229,13 @@ def test_chunked_implicit_log_is_one_log_of_every_user(tmp_path: Path) -> None:
     firsts = log.group_by("user_id", maintain_order=True).first()
     assert firsts.filter(pl.col("user_id") <= 100)["item_id"].to_list() != firsts.filter(
         pl.col("user_id").is_between(101, 200))["item_id"].to_list()
+
+
+def test_workers_needs_a_local_dask_cluster(tmp_path: Path) -> None:
+    from bstrec.data.build import build_partitioned as build_cli
+
+    for engine, scheduler in (("local", None), ("dask", "tcp://127.0.0.1:1")):
+        with pytest.raises(ValueError, match="workers sizes the local Dask cluster"):
+            build_cli("synthetic-order", tmp_path / "out", engine=engine, scheduler=scheduler,
+                      workers=3)
+    assert not (tmp_path / "out").exists()

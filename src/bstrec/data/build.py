@@ -51,8 +51,9 @@ def build(
 
 
 # A csv/parquet log at least this large is built partition by partition by default: the
-# in-memory build peaks near 1.7 GB per million events (benchmarks/bench_build_scale.py), so
-# from two million on the partitioned build's bound (about one partition) is worth its cost.
+# in-memory build's peak grows with the log while the partitioned build's stays near one
+# partition's, and below this size the in-memory build is the faster (benchmarks/results/
+# scale.json keys build_small and build, from benchmarks/bench_build_scale.py).
 OUT_OF_CORE_EVENTS = 2_000_000
 CSV_BYTES_PER_EVENT = 32  # a rough lower bound: an id, an item, a timestamp and separators
 _TABLE_OPTIONS = {"csv": ("separator", "has_header", "feedback", "timestamp_format"),
@@ -86,12 +87,13 @@ def build_partitioned(
     partitions: int | None = None,
     engine: str = "local",
     scheduler: str | None = None,
-    workers: int = 2,
+    workers: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """``build`` partition by partition (``bstrec.distributed.build``): the same files and
     rows, in bounded memory, on this process (``engine="local"``) or a Dask cluster
-    (``engine="dask"``: ``scheduler`` address, or a local cluster of ``workers`` processes).
+    (``engine="dask"``: ``scheduler`` address, or a local cluster of ``workers`` processes,
+    default 2).
     A csv/parquet log is scanned lazily, never loaded whole. Returns the manifest."""
     from bstrec.distributed.build import ENGINES, dask_client, dask_runner
     from bstrec.distributed.build import build_partitioned as run_partitions
@@ -100,6 +102,9 @@ def build_partitioned(
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if scheduler is not None and engine != "dask":
         raise ValueError("a scheduler address needs engine='dask'")
+    if workers is not None and (engine != "dask" or scheduler is not None):
+        raise ValueError("workers sizes the local Dask cluster: it needs engine='dask' and no "
+                         "scheduler address")
     stage = progress or (lambda name: None)
     cfg = sample_config(dataset, sample_overrides)
     options = dataset_options or {}
@@ -124,6 +129,6 @@ def build_partitioned(
                               mapping=mapping, **options)
     if engine == "local":
         return run_partitions(source, out, cfg, partitions=partitions, progress=stage)
-    with dask_client(scheduler, workers) as client:
+    with dask_client(scheduler, workers or 2) as client:
         return run_partitions(source, out, cfg, partitions=partitions,
                               runner=dask_runner(client), progress=stage)

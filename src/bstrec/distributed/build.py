@@ -81,8 +81,8 @@ from bstrec.features.vocab import Vocabularies
 
 Engine = Literal["local", "dask"]
 ENGINES: tuple[str, ...] = ("local", "dask")
-# Events per partition when P is not given: a partition's samples with their 20-long histories
-# take a few hundred bytes per event, so a million events keeps a worker near 1.5 GB.
+# Events per partition when P is not given: a worker's peak is then about that of a
+# million-event build, whatever the log's size (scale.json key build: peak per log size).
 EVENTS_PER_PARTITION = 1_000_000
 T = TypeVar("T")
 
