@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the service tests' session bundle and stores, shared with the monitoring tests
+pytest_plugins = ["tests.serving.fixtures"]
 # Debian package -> node ids of the tests skipped for want of it, for the summary's last line.
 _MISSING_PROGRAMS: dict[str, set[str]] = {}
 _SKIP_MARK = "not found on PATH: install it (Debian: apt-get install "

@@ -61,7 +61,9 @@ def fail(message: str) -> typer.Exit:
 @data_app.command("build")
 def data_build(
     dataset: Annotated[str, typer.Option(help="ml-1m, ml-100k, taobao, amazon, synthetic-order, "
-                                         "synthetic-implicit, csv or parquet")],
+                                         "synthetic-implicit, csv, parquet or impressions (the "
+                                         "service's impression log: --input LOG_DIR --base "
+                                         "SAMPLES_DIR)")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default artifacts/DATASET)")] = None,
     data_dir: DataDirOpt = None,
     input_path: Annotated[Path | None, typer.Option(
@@ -89,12 +91,32 @@ def data_build(
         "storage every worker sees. Default: a local cluster of --workers processes")] = None,
     workers: Annotated[int | None, typer.Option(
         help="dask without --scheduler: local worker processes (default 2)", min=1)] = None,
+    base: Annotated[Path | None, typer.Option(
+        help="impressions: the samples the served bundle was built from (their vocabularies, "
+        "feature spec, config and dataset tables)")] = None,
+    window_s: Annotated[float | None, typer.Option(
+        help="impressions: a shown item is a click when the user's event on it falls within "
+        "this many seconds of the request (default: one hour)")] = None,
 ) -> None:
-    """Build point-in-time samples (Parquet + manifest.json) from a dataset."""
+    """Build point-in-time samples (Parquet + manifest.json) from a dataset.
+
+    With --dataset impressions, the samples are the shown items of the service's impression
+    log (BSTREC_IMPRESSION_LOG), labelled 1 when clicked within --window-s and 0 when not,
+    over the vocabularies and feature spec of --base (see bstrec.data.impressions)."""
     from bstrec.data.build import build, build_partitioned, wants_partitions
     from bstrec.data.schema import DataFormatError
     from bstrec.data.tabular import ColumnMapping
 
+    if dataset == "impressions":
+        # --data-dir is not refused: $BSTREC_DATA_DIR fills it in every environment that sets it
+        _build_impressions(input_path, base, out, window_s, [
+            ("--column", column), ("--config", config), ("--set", set_),
+            ("--option", option), ("--partitions", partitions), ("--scheduler", scheduler),
+            ("--workers", workers), ("--lenient", lenient or None),
+            ("--engine", None if engine == "local" else engine)])
+        return
+    if base is not None or window_s is not None:
+        raise fail("--base and --window-s go with --dataset impressions")
     try:
         file_cfg = load_yaml(config) if config else {}
         unknown = sorted(set(file_cfg) - {"samples", "dataset"})
@@ -121,6 +143,30 @@ def data_build(
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError, ImportError) as exc:
         raise fail(str(exc)) from None
     print_manifest(console, manifest, target)
+
+
+def _build_impressions(log_dir: Path | None, base: Path | None, out: Path | None,
+                       window_s: float | None, unused: list[tuple[str, object]]) -> None:
+    """``data build --dataset impressions``: samples from the service's impression log."""
+    from bstrec.data.impressions import DEFAULT_WINDOW_S, build_impression_samples
+
+    given = [name for name, value in unused if value]
+    if given:
+        raise fail(f"{', '.join(given)} do not go with --dataset impressions (it takes --input, "
+                   "--base, --out and --window-s)")
+    if log_dir is None or base is None:
+        raise fail("--dataset impressions needs --input LOG_DIR (the service's "
+                   "BSTREC_IMPRESSION_LOG) and --base SAMPLES_DIR (the samples its bundle was "
+                   "built from)")
+    target = out or Path("artifacts") / "impressions"
+    try:
+        with console.status(f"building samples from the impression log {log_dir}"):
+            path = build_impression_samples(
+                log_dir, base, target,
+                window_s=DEFAULT_WINDOW_S if window_s is None else window_s)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    print_manifest(console, json.loads((path / "manifest.json").read_text()), path)
 
 
 @data_app.command("stats")
@@ -383,6 +429,10 @@ def serve(
     store_path: Annotated[Path | None, typer.Option(help="Embedded store's SQLite file")] = None,
     seed_events: Annotated[Path | None, typer.Option(
         help="Load this samples folder's event log into the store at start")] = None,
+    seed_until: Annotated[str | None, typer.Option(
+        help="With --seed-events: load only the events before this time (unix seconds), or "
+        "before the samples' test period (\"test\"): what `bstrec replay --no-seed-history` "
+        "needs")] = None,
     static_dir: Annotated[Path | None, typer.Option(
         help="Folder of the web page served at / (default: the built-in page)")] = None,
     bundle_root: Annotated[Path | None, typer.Option(
@@ -412,8 +462,8 @@ def serve(
 
     given = {"bundle": bundle, "host": host, "port": port, "store": store,
              "redis_url": redis_url, "store_path": None if store_path is None else str(store_path),
-             "seed_events": seed_events, "static_dir": static_dir, "bundle_root": bundle_root,
-             "public_history": public_history, "max_future_s": max_future_s}
+             "seed_events": seed_events, "seed_until": seed_until, "static_dir": static_dir,
+             "bundle_root": bundle_root, "public_history": public_history, "max_future_s": max_future_s}
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if not any(os.environ.get(f"BSTREC_{k}_KEY") for k in ("API", "EVENTS", "ADMIN", "READ")):
         overrides["api_key"] = key = secrets.token_urlsafe(18)
@@ -426,6 +476,75 @@ def serve(
         raise fail(str(exc)) from None
     except ValueError as exc:  # BundleError: refused before serving
         raise fail(str(exc)) from None
+
+
+@app.command("replay")
+def replay_cmd(
+    samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`: its "
+                                          "dataset/ tables and its test period (t90 on)")],
+    service: Annotated[str, typer.Option(help="URL of the running service, e.g. "
+                                         "http://127.0.0.1:8000")],
+    k: Annotated[int, typer.Option(help="Items asked for per request", min=1)] = 10,
+    window_s: Annotated[float | None, typer.Option(
+        help="A shown item is a click when the user interacted with it within this many "
+        "seconds of the request (default: one hour)")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Replay only N behaviours of the test period", min=0)] = None,
+    skip: Annotated[int, typer.Option(
+        help="Start at the N-th behaviour of the test period (to go on after a replay of the "
+        "first N, with --no-seed-history)", min=0)] = 0,
+    api_key: Annotated[str | None, typer.Option(
+        help="X-API-Key of POST /events (default: $BSTREC_EVENTS_KEY, else $BSTREC_API_KEY; "
+        "prefer the environment, a command line is visible to every user)")] = None,
+    seed_history: Annotated[bool, typer.Option(
+        "--seed-history/--no-seed-history",
+        help="First post every event before the test period, so that the store holds each "
+        "user's history as of its start")] = True,
+    freeze_item: Annotated[str | None, typer.Option(
+        help="Fault injection: replace every posted event's item by ITEM (an upstream "
+        "feature frozen to a constant)")] = None,
+    max_errors: Annotated[int, typer.Option(
+        help="Failed calls tolerated before the replay stops", min=0)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
+) -> None:
+    """Drive a running service through the samples' test period in time order: each test
+    behaviour's user asks for recommendations at its time (a shown item the user interacted
+    with within --window-s is a click), then the behaviour is posted as an event, with the
+    request id of the answer it is a click on.
+
+    The store must hold each user's history as of the test start and nothing later: serve
+    with `--seed-events SAMPLES --seed-until test` (profiles, items and the history before the
+    test period) and replay with --no-seed-history. Plain --seed-events loads the whole log,
+    test period included (the replayed behaviours would be history already). Without either,
+    the replay posts the history itself, but events carry no profiles: the users are then
+    served without their profile features (see bstrec.monitoring.replay)."""
+    import os
+
+    from bstrec.data.impressions import DEFAULT_WINDOW_S
+    from bstrec.monitoring.replay import ReplayConfig, ReplayError, replay
+
+    key = api_key or os.environ.get("BSTREC_EVENTS_KEY") or os.environ.get("BSTREC_API_KEY")
+    try:
+        cfg = ReplayConfig(k=k, limit=limit, skip=skip, api_key=key, seed_history=seed_history,
+                           freeze_item=freeze_item, max_errors=max_errors,
+                           window_s=DEFAULT_WINDOW_S if window_s is None else window_s)
+        result = replay(samples, service, cfg, progress=not as_json)
+    except ReplayError as exc:
+        done = exc.result.to_dict() if exc.result is not None else {}
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        if done:
+            console.print(f"done before it stopped: {json.dumps(done)}", markup=False)
+        raise typer.Exit(code=1) from None
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        console.print_json(data=result.to_dict())
+        return
+    console.print(
+        f"{result.requests:,} requests, {result.shown:,} items shown, {result.clicks:,} clicks "
+        f"(CTR {result.ctr:.4f}, hit rate {result.hit_rate:.4f}); {result.seeded:,} history "
+        f"events seeded, {result.events_posted:,} posted, {result.stored:,} stored; "
+        f"{result.errors} errors; {result.seconds:.1f} s; versions {result.versions}")
 
 
 # -- match stage: retriever, index, similar items ------------------------------------------------
@@ -538,3 +657,120 @@ def similar_cmd(
         if i >= 2:
             table.add_row(str(r.raw_id(int(i))), f"{float(s):.4f}")
     console.print(table)
+
+
+# -- the feedback loop: monitoring report, off-policy estimates -------------------------------
+monitor_app = typer.Typer(help="Read the impression log: reports, alerts, off-policy estimates.",
+                          no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
+# the default of the replay and of impression samples (bstrec.data.impressions.DEFAULT_WINDOW_S)
+WindowOpt = Annotated[float, typer.Option(
+    help="A click is an event on a shown item within this many seconds of the answer")]
+TimeOpt = Annotated[str | None, typer.Option(
+    help="Unix seconds or an ISO date/time (UTC unless it says otherwise)")]
+
+
+def parse_time(value: str | None, option: str) -> float | None:
+    """``value`` as unix seconds: a number, or an ISO date or date-time (UTC when naive)."""
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{option} {value!r}: expected unix seconds or an ISO date such as "
+                   "2026-12-01 or 2026-12-01T12:00") from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+@monitor_app.command("report")
+def monitor_report(
+    log: Annotated[Path, typer.Option(help="Impression log folder (BSTREC_IMPRESSION_LOG)")],
+    out: Annotated[Path, typer.Option(help="Report folder: report.md or .html, report.json, "
+                                           "plots")] = Path("artifacts/monitor"),
+    since: TimeOpt = None,
+    until: TimeOpt = None,
+    window_s: WindowOpt = 3_600.0,
+    bundle: Annotated[list[Path] | None, typer.Option(
+        help="A bundle whose training reference the drift is measured against (repeatable: "
+        "one per model version in the log)")] = None,
+    alerts: Annotated[Path | None, typer.Option(
+        help="YAML of alert thresholds (AlertConfig); default: the built-in ones")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="md or html")] = "md",
+) -> None:
+    """CTR by position, source, model version, arm and path; calibration; drift against the
+    training reference; coverage and popularity bias; freshness; latency per stage; alerts;
+    A/B difference with its interval. Exit code 1 when an alert is breached."""
+    from bstrec.monitoring.alerts import AlertConfig
+    from bstrec.monitoring.reference import Reference
+    from bstrec.monitoring.report import write_log_report
+    from bstrec.serving.bundle import read_reference
+
+    if fmt not in ("md", "html"):
+        raise fail(f"--format {fmt!r}: expected md or html")
+    if not log.is_dir():
+        raise fail(f"--log {log}: no such folder")
+    try:
+        references: dict[str, Reference] = {}
+        for path in bundle or []:
+            version, reference = read_reference(path)
+            if reference is None:
+                raise ValueError(f"{path} has no training reference (built before them): "
+                                 "rebuild it with `bstrec bundle build` to measure drift")
+            references[version] = reference
+        config = AlertConfig() if alerts is None else AlertConfig.from_yaml(alerts)
+        with console.status("joining clicks and writing the report"):
+            result = write_log_report(log, out, since=parse_time(since, "--since"),
+                                      until=parse_time(until, "--until"), window_s=window_s,
+                                      references=references, alert_config=config,
+                                      fmt=fmt)  # type: ignore[arg-type]
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    breached = [a for a in result.alerts if a.breached]
+    for a in breached:
+        console.print(f"[bold red]alert[/bold red] {a.name}: {a.message}")
+    console.print(f"report in [bold]{result.report}[/bold] ({len(result.plots)} plots, "
+                  f"{len(breached)} alerts breached)")
+    if breached:
+        raise typer.Exit(code=1)
+
+
+@monitor_app.command("ope")
+def monitor_ope(
+    log: Annotated[Path, typer.Option(help="Impression log of a service run with the "
+                                           "plackett_luce policy and a shadow bundle")],
+    target: Annotated[str, typer.Option(help="Model version of the shadow bundle to estimate")],
+    since: TimeOpt = None,
+    until: TimeOpt = None,
+    window_s: WindowOpt = 3_600.0,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (of users)")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Write the estimate as JSON here")] = None,
+) -> None:
+    """Off-policy CTR of a candidate bundle from the log alone: IPS and self-normalised IPS
+    with bootstrap intervals, from the shadow rankings and the logged propensities."""
+    import dataclasses
+
+    from bstrec.monitoring.impressions import read_log
+    from bstrec.monitoring.join import join_clicks
+    from bstrec.monitoring.ope import estimate
+
+    t0, t1 = parse_time(since, "--since"), parse_time(until, "--until")
+    try:
+        impressions = read_log(log, "impressions", t0, t1)
+        events = read_log(log, "events", t0, None if t1 is None else t1 + window_s)
+        joined = join_clicks(impressions, events, window_s)
+        result = estimate(joined, impressions.filter(~impressions["shown"]), target,
+                          n_boot=n_boot, seed=seed)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    data = dataclasses.asdict(result)
+    console.print_json(data=data)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")

@@ -28,7 +28,11 @@ def impression(request: str, position: int, ts: float = 100.0) -> ImpressionRow:
     return ImpressionRow(request_id=request, user_id="7", ts=ts, received_at=ts + 0.5,
                          model_version="A", arm="default", path="regular", degraded=[],
                          position=position, item_id=f"i{position}", score=0.5 - position / 100,
-                         prerank_score=None if position else 1.5, sources=["two_tower", "popular"])
+                         prerank_score=None if position else 1.5, sources=["two_tower", "popular"],
+                         shown=True, policy="greedy", propensity=None, k=10, category="c",
+                         history_length=3, freshness_s=60.0, last_category="c",
+                         user_features="{}", candidates='{"popular": 50}',
+                         timings_ms='{"rank": 1.0}')
 
 
 def event(n: int, request: str | None = None) -> EventRow:

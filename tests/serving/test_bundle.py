@@ -6,8 +6,16 @@ import json
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pytest
 
+from bstrec.monitoring.reference import (
+    MAX_ROWS,
+    REFERENCE,
+    Reference,
+    expected_sources,
+    request_rows,
+)
 from bstrec.serving.bundle import (
     ITEMS,
     MANIFEST,
@@ -16,7 +24,8 @@ from bstrec.serving.bundle import (
     BundleError,
     load_bundle,
 )
-from tests.serving.conftest import Artifacts
+from bstrec.serving.config import PipelineConfig
+from tests.serving.fixtures import Artifacts
 
 
 def test_bundle_holds_every_stage(bundle: Bundle, artifacts: Artifacts) -> None:
@@ -54,3 +63,45 @@ def test_incomplete_bundle_is_refused(artifacts: Artifacts, tmp_path: Path, dama
         load_bundle(copy)
     with pytest.raises(BundleError, match="does not exist"):
         load_bundle(tmp_path / "nowhere")
+
+
+def test_bundle_carries_its_training_reference(bundle: Bundle, artifacts: Artifacts,
+                                               tmp_path: Path) -> None:
+    ref = bundle.reference
+    assert ref is not None
+    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    assert REFERENCE in manifest["files"]  # hashed like every artifact
+    dataset = artifacts.dataset()
+    assert ref.data_end == float(dataset.events["timestamp"].max())  # type: ignore[arg-type]
+    assert ref.history_cap == bundle.spec.max_len and ref.catalog_size == dataset.items.height
+    assert 0 < ref.scored_rows <= MAX_ROWS and 0 < ref.feature_rows <= MAX_ROWS
+    edges = ref.predictions.edges
+    assert edges and 0.0 <= min(edges) <= max(edges) <= 1.0  # click probabilities
+    # inputs only: the shown items' category is compared with served traffic, not training
+    assert set(ref.features) == {"history_length", "freshness_s", "last_category",
+                                 *(f"user.{n}" for n in dataset.user_features)}
+    # fitted on the validation split (the period before serving), each user once
+    splits = {k: pl.read_parquet(artifacts.samples / "samples" / f"{k}.parquet")
+              for k in ("train", "valid")}
+    assert ref.feature_rows == min(request_rows(splits["valid"]).height, MAX_ROWS)
+    assert ref.feature_users == min(splits["valid"]["user_id"].n_unique(), MAX_ROWS)
+    assert ref.scored_rows == min(splits["valid"].height, MAX_ROWS)
+    # the bundle has a retriever: the regular path merges every quota'd source
+    sources = dict(bundle.config.candidates.quotas)
+    assert ref.expected_sources["regular"] == tuple(n for n, q in sources.items() if q > 0)
+    assert ref.expected_sources["cold"] == ("popular",)
+    assert Reference.load(bundle.path) == ref
+    # bundles built before references load without one
+    old = tmp_path / "old"
+    shutil.copytree(artifacts.bundle, old)
+    (old / REFERENCE).unlink()
+    manifest["files"].pop(REFERENCE)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert load_bundle(old).reference is None
+
+
+def test_expected_sources_without_a_retriever() -> None:
+    config = PipelineConfig()
+    sources = expected_sources(config, has_retriever=False)
+    assert "two_tower" not in sources["regular"] and "item_cf" in sources["regular"]
+    assert set(sources["few"]) == {n for n, _ in config.candidates.cold.few_shares}

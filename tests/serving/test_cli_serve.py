@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from bstrec.cli import app
 from bstrec.serving.server import free_port, settings_json
 from bstrec.serving.settings import Settings
-from tests.serving.conftest import Artifacts
+from tests.serving.fixtures import Artifacts
 
 
 @pytest.mark.parametrize("workers", [1, 2])

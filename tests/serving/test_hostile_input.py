@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from bstrec.serving.app import Service, key_check
 from bstrec.serving.bundle import Bundle
 from bstrec.serving.pipeline import EventsRefused, IncomingEvent
-from tests.serving.conftest import Artifacts, http_client, running
+from tests.serving.fixtures import Artifacts, http_client, running
 from tests.serving.test_service import AUTH, settings_for
 
 TOTAL = 50_000_000  # bytes a hostile client offers

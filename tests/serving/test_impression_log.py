@@ -12,7 +12,7 @@ from bstrec.monitoring.impressions import read_log, segments
 from bstrec.serving.app import create_app
 from bstrec.serving.server import BackgroundServer
 from bstrec.serving.settings import Settings
-from tests.serving.conftest import Artifacts, http_client
+from tests.serving.fixtures import Artifacts, http_client
 
 KEY = "test-key"
 AUTH = {"X-API-Key": KEY}

@@ -39,7 +39,7 @@ from bstrec.serving.runtime import UserTowerRuntime
 from bstrec.training.checkpoint import load_checkpoint
 from bstrec.training.task import train_ranker
 from bstrec.training.tensors import Batch
-from tests.serving.conftest import Artifacts
+from tests.serving.fixtures import Artifacts
 
 NOW = 1_800_000_000
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bstrec.serving.settings import Settings
 from tests.conftest import REPO
-from tests.serving.conftest import Artifacts, running
+from tests.serving.fixtures import Artifacts, running
 
 KEY = "schemathesis-key"
 # says why POST /events may answer schema-valid input with its documented 422, and no other route

@@ -18,7 +18,7 @@ import pytest
 
 from bstrec.serving.app import Service, settle_heap
 from bstrec.serving.settings import Settings
-from tests.serving.conftest import Artifacts, RedisServer, http_client, running
+from tests.serving.fixtures import Artifacts, RedisServer, http_client, running
 
 KEY = "test-key"
 AUTH = {"X-API-Key": KEY}

@@ -9,7 +9,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from tests.conftest import REPO, system_program
-from tests.serving.conftest import Artifacts, running
+from tests.serving.fixtures import Artifacts, running
 from tests.serving.test_service import AUTH, KEY, settings_for
 
 SCREENSHOTS = REPO / "artifacts" / "test"

@@ -55,6 +55,21 @@ IMPRESSION_SCHEMA = pa.schema([
     pa.field("score", pa.float64(), nullable=False),
     pa.field("prerank_score", pa.float64(), nullable=True),
     pa.field("sources", pa.list_(pa.string()), nullable=False),
+    # False: a shadow bundle's ranking for the same request, logged and never shown
+    pa.field("shown", pa.bool_(), nullable=False),
+    pa.field("policy", pa.string(), nullable=False),  # greedy | plackett_luce
+    # P(this item is in the shown list) under the stochastic policy; null under greedy
+    pa.field("propensity", pa.float64(), nullable=True),
+    pa.field("k", pa.int32(), nullable=False),  # the list length asked for
+    pa.field("category", pa.string(), nullable=True),  # the item's
+    # what the ranker read, for drift and freshness: the user's behaviours in the store, the
+    # age of the newest at request time (null: none), its category, the profile's raw values
+    pa.field("history_length", pa.int32(), nullable=False),
+    pa.field("freshness_s", pa.float64(), nullable=True),
+    pa.field("last_category", pa.string(), nullable=True),
+    pa.field("user_features", pa.string(), nullable=False),  # JSON object, values as strings
+    pa.field("candidates", pa.string(), nullable=False),  # JSON {source: merged candidates}
+    pa.field("timings_ms", pa.string(), nullable=False),  # JSON {stage: milliseconds}
 ])
 EVENT_SCHEMA = pa.schema([
     pa.field("request_id", pa.string(), nullable=True),  # the /recommend answer it follows
@@ -81,6 +96,17 @@ class ImpressionRow(TypedDict):
     score: float
     prerank_score: float | None
     sources: list[str]
+    shown: bool
+    policy: str
+    propensity: float | None
+    k: int
+    category: str | None
+    history_length: int
+    freshness_s: float | None
+    last_category: str | None
+    user_features: str
+    candidates: str
+    timings_ms: str
 
 
 class EventRow(TypedDict):

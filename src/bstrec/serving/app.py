@@ -21,6 +21,7 @@ reads a byte of the body.
 # and they refer to this factory's local variables (settings, the key header).
 import asyncio
 import gc
+import json
 import logging
 import os
 import secrets
@@ -45,7 +46,11 @@ from starlette.routing import BaseRoute, Match, Mount
 import bstrec
 from bstrec.data.schema import Dataset
 from bstrec.features.store import FeatureStore, StoreUnavailable, open_store
+from bstrec.monitoring.experiments import arm_of
 from bstrec.monitoring.impressions import EventRow, ImpressionLog, ImpressionRow
+from bstrec.monitoring.live import LiveMonitor
+from bstrec.monitoring.reference import Reference
+from bstrec.monitoring.replay import period_start
 from bstrec.serving import schemas
 from bstrec.serving.bundle import BundleError, load_bundle
 from bstrec.serving.guard import StoreGuard
@@ -59,6 +64,7 @@ from bstrec.serving.pipeline import (
     Pipeline,
     Recommendation,
     RequestError,
+    UserState,
 )
 from bstrec.serving.settings import Settings
 
@@ -78,8 +84,12 @@ INT_ID = r"^-?[0-9]{1,18}$"
 # On a refusal before the body was read: uvicorn then closes the connection after the answer
 # instead of reading (and dropping) the rest of the body to keep the connection alive
 CLOSE = {"Connection": "close"}
-# the experiment arm every answer is logged under until A/B tests split the traffic
+# the experiment arm of every answer when no second bundle splits the traffic
 DEFAULT_ARM = "default"
+SHADOW_ARM = "shadow"
+# the pipeline's Recommendation fields an answer carries (the others feed the impression log)
+RESPONSE_FIELDS = tuple(name for name in schemas.Recommendation.model_fields
+                        if name not in ("request_id", "arm"))
 # by number: Starlette renamed these two constants (RFC 9110's names), older releases lack them
 CONTENT_TOO_LARGE, UNPROCESSABLE_CONTENT = 413, 422
 
@@ -115,14 +125,25 @@ class Service:
             settings.request_threads, thread_name_prefix="bstrec-request")
         try:
             self.pipeline = self._load(settings.bundle)
+            # the experiment's other bundles: loaded once, not swapped by a reload
+            self.pipeline_b = None if settings.bundle_b is None else self._load(settings.bundle_b)
+            self.shadow = (None if settings.shadow_bundle is None
+                           else self._load(settings.shadow_bundle))
         except BaseException:
             if self.owns_store:
                 self.store.close()
             raise
         self.metrics.serving(self.pipeline.version)
         log_config = settings.impression_log_config()
-        # last, so that a bundle that does not load leaves no writer thread behind
+        # last, so that a bundle that does not load leaves no thread behind
         self.impressions = None if log_config is None else ImpressionLog(log_config)
+        # one thread: shadow scoring never takes more than a core from the served requests
+        self._shadow_pool = None if self.shadow is None else ThreadPoolExecutor(
+            1, thread_name_prefix="bstrec-shadow")
+        self._shadow_pending = 0  # submitted and not yet done
+        self._shadow_lock = threading.Lock()
+        self.monitor = None if settings.alert_window == 0 else LiveMonitor.from_file(
+            settings.alert_window, settings.alert_config)
         settle_heap()
 
     def _load(self, path: Path) -> Pipeline:
@@ -161,8 +182,12 @@ class Service:
                 items = self.pipeline.bundle.items
                 self.guard.call(lambda s: s.put_items(items))
             if self.settings.seed_events is not None:
-                dataset = Dataset.load(Path(self.settings.seed_events) / "dataset")
-                report = self.guard.call(lambda s: s.load_dataset(dataset))
+                root = Path(self.settings.seed_events)
+                dataset = Dataset.load(root / "dataset")
+                until = self.settings.seed_until
+                if until == "test":
+                    until = int(period_start(json.loads((root / "manifest.json").read_text())))
+                report = self.guard.call(lambda s: s.load_dataset(dataset, until))
                 log.debug("feature store seeded from %s: %s", self.settings.seed_events, report)
         except StoreUnavailable as exc:
             log.warning("feature store not seeded, it is unavailable: %s", exc)
@@ -174,18 +199,83 @@ class Service:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def log_recommendation(self, request_id: str, rec: Recommendation) -> None:
-        """One impression row per item shown (enqueued only: no I/O on the request path)."""
-        if self.impressions is None:
+    def arm(self, user_id: str) -> tuple[str, Pipeline]:
+        """The experiment arm of ``user_id`` and the pipeline that answers it."""
+        b = self.pipeline_b
+        if b is None:
+            return DEFAULT_ARM, self.pipeline
+        arm = arm_of(user_id, self.settings.share_b, self.settings.experiment_salt)
+        return arm, (b if arm == "B" else self.pipeline)
+
+    def recommend(self, user_id: str, k: int, now: int | None,
+                  request_id: str) -> tuple[Recommendation, str]:
+        """The answer of ``user_id``'s arm, logged; the shadow bundle (if any) is given the
+        same store read and request time and scored on its own thread."""
+        arm, pipeline = self.arm(user_id)
+        state = pipeline.read_user(user_id)
+        # the stochastic policy's draw from the request id: a logged list can be redrawn
+        rec = pipeline.recommend(user_id, k, now, state=state, seed=int(request_id[:16], 16))
+        self.metrics.observe(rec)
+        self.log_recommendation(request_id, rec, arm)
+        if self._shadow_pool is not None and self.shadow is not None:
+            with self._shadow_lock:
+                drop = self._shadow_pending >= self.settings.shadow_max_pending
+                self._shadow_pending += not drop
+            if drop:
+                self.metrics.shadow.labels("dropped").inc()
+            else:
+                self._shadow_pool.submit(self._score_shadow, self.shadow, request_id, k,
+                                         rec.request_time, state)
+        return rec, arm
+
+    def _score_shadow(self, shadow: Pipeline, request_id: str, k: int, now: int,
+                      state: UserState) -> None:
+        try:
+            rec = shadow.recommend(state.user, k, now, state=state,
+                                   seed=int(request_id[:16], 16))
+        except Exception:  # a shadow failure must not reach the served answers
+            log.exception("shadow bundle %s failed on request %s", shadow.version, request_id)
+            self.metrics.shadow.labels("failed").inc()
+            return
+        finally:
+            with self._shadow_lock:
+                self._shadow_pending -= 1
+        self.metrics.shadow.labels("scored").inc()
+        self.log_recommendation(request_id, rec, SHADOW_ARM, shown=False)
+
+    def log_recommendation(self, request_id: str, rec: Recommendation, arm: str = DEFAULT_ARM,
+                           *, shown: bool = True) -> None:
+        """One impression row per item (enqueued only: no I/O on the request path); shown
+        rows also feed the live alerts."""
+        if self.impressions is None and (self.monitor is None or not shown):
             return
         received = time.time()
         user, degraded = str(rec.user_id), list(rec.degraded_reasons)
-        self.impressions.log_impressions([ImpressionRow(
-            request_id=request_id, user_id=user, ts=float(rec.request_time),
-            received_at=received, model_version=rec.model_version, arm=DEFAULT_ARM,
-            path=rec.path, degraded=degraded, position=n, item_id=str(item.item_id),
-            score=item.score, prerank_score=item.prerank_score, sources=list(item.sources))
-            for n, item in enumerate(rec.items)])
+        ts = float(rec.request_time)
+        freshness = None if rec.newest_ts is None else ts - rec.newest_ts
+        # per request, repeated on its rows (Parquet's dictionary encoding stores them once)
+        profile, candidates = json.dumps(rec.profile), json.dumps(rec.candidates)
+        timings = json.dumps(rec.timings_ms)
+        k = len(rec.items)
+        rows = [ImpressionRow(
+            request_id=request_id, user_id=user, ts=ts, received_at=received,
+            model_version=rec.model_version, arm=arm, path=rec.path, degraded=degraded,
+            position=n, item_id=str(item.item_id), score=item.score,
+            prerank_score=item.prerank_score, sources=list(item.sources), shown=shown,
+            policy=rec.policy, propensity=item.propensity, k=k, category=item.category,
+            history_length=rec.history_length, freshness_s=freshness,
+            last_category=rec.last_category, user_features=profile, candidates=candidates,
+            timings_ms=timings)
+            for n, item in enumerate(rec.items)]
+        if self.impressions is not None:
+            self.impressions.log_impressions(rows)
+        if self.monitor is not None and shown:
+            self.monitor.add(rows)
+
+    def references(self) -> dict[str, Reference | None]:
+        """The training reference of each bundle served, by version."""
+        pipelines = [p for p in (self.pipeline, self.pipeline_b) if p is not None]
+        return {p.version: p.bundle.reference for p in pipelines}
 
     def log_events(self, request_ids: list[str | None], result: IngestResult) -> None:
         """One event row per event of an ingested request (``request_ids`` in its order)."""
@@ -200,6 +290,8 @@ class Service:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._shadow_pool is not None:
+            self._shadow_pool.shutdown(wait=True)
         # after the requests in flight: their rows are in the last batch
         if self.impressions is not None:
             self.impressions.close()
@@ -493,17 +585,17 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
              responses=request_id_header | invalid, tags=["recommend"])
     async def recommend(query: Annotated[RecommendQuery, Query()]) -> Response:
         """Top k items for a user: match, pre-rank, BST rank, rules."""
-        pipeline = svc.pipeline  # one bundle for the whole request, whatever reloads meanwhile
         request_id = uuid.uuid4().hex  # the impression log's key, echoed back with the events
 
         def run() -> bytes:
-            rec = pipeline.recommend(query.user_id, query.k, query.now)
-            svc.metrics.observe(rec)
-            svc.log_recommendation(request_id, rec)
+            # one bundle for the whole request, whatever reloads meanwhile (svc.arm reads the
+            # reference once)
+            rec, arm = svc.recommend(query.user_id, query.k, query.now, request_id)
+            body = {name: getattr(rec, name) for name in RESPONSE_FIELDS}
             # JSON straight from the validated model (pydantic-core), not through FastAPI's
             # response_model round trip via Python objects; the schema is the same
             return schemas.Recommendation.model_validate(
-                {**vars(rec), "request_id": request_id}).model_dump_json().encode()
+                {**body, "request_id": request_id, "arm": arm}).model_dump_json().encode()
 
         return Response(await svc.run(run), media_type=JSON,
                         headers={"X-Request-ID": request_id})
@@ -628,6 +720,8 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
     def metrics() -> Response:
         """Prometheus exposition: requests, latency per route and stage, candidates per source."""
         svc.metrics.store_up.set(1.0 if svc.guard.status().ok else 0.0)
+        if svc.monitor is not None:
+            svc.metrics.alerts(svc.monitor.alerts(svc.references()))
         return Response(svc.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -22,6 +22,8 @@ Layout (written in one atomic rename; nothing in it is ever unpickled)::
                          lack it and compute the vector in eager torch
     item_vectors.npy     optional: (N, D) item vectors by item index (pre-rank dot products)
     index/               optional: the vector index of the catalog's item vectors
+    reference.json       the training reference that monitoring compares served traffic with
+                         (monitoring/reference.py); bundles built before it lack it
 
 A bundle is refused (:class:`BundleError`) when a file is missing or does not match its hash,
 when its models disagree on the feature spec, when the ranker does not run on a valid batch, or
@@ -54,6 +56,7 @@ from bstrec.data.schema import Dataset
 from bstrec.features.spec import FeatureSpec
 from bstrec.features.store import Features, ItemId
 from bstrec.features.vocab import Vocabularies
+from bstrec.monitoring.reference import REFERENCE, Reference, build_reference, expected_sources
 from bstrec.retrieval.catalog import Catalog
 from bstrec.retrieval.index import IndexConfig, VectorIndex, build_index, load_index
 from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
@@ -106,6 +109,7 @@ class Bundle:
     item_vectors: F32 | None = None
     index: VectorIndex | None = None
     user_tower: UserTowerRuntime | None = None  # None: user vectors by the eager two_tower
+    reference: Reference | None = None  # None: a bundle built before references
 
     @property
     def version(self) -> str:
@@ -192,6 +196,12 @@ def build_bundle(
         if tt_catalog.size != catalog.size:
             raise BundleError(f"the retriever {retriever_dir} has a catalog of {tt_catalog.size} "
                               f"items, the samples {catalog.size}")
+    config = pipeline_config or PipelineConfig()
+    valid_path = Path(samples_dir) / "samples" / "valid.parquet"
+    # predictions on rows the ranker did not fit: a served request is one it never saw
+    reference = build_reference(
+        samples, ranker.model, config, has_retriever=two_tower is not None,
+        valid=pl.read_parquet(valid_path) if valid_path.exists() else None)
     created = datetime.now(UTC)
     target = Path(out)
     with atomic_dir(target) as tmp:
@@ -209,6 +219,7 @@ def build_bundle(
         dataset.items.write_parquet(tmp / ITEMS)
         popular.save(tmp / POPULAR)
         item_cf.save(tmp / ITEM_CF)
+        reference.save(tmp)
         if two_tower is not None and retriever_dir is not None:
             shutil.copytree(Path(retriever_dir) / "best", tmp / TWO_TOWER)
             vectors = item_vectors(two_tower, catalog).numpy().astype(np.float32)
@@ -234,12 +245,32 @@ def build_bundle(
                 "index": dataclasses.asdict(index_config or IndexConfig())},
             "id_types": {"user_id": _id_type(dataset.users.schema["user_id"]),
                          "item_id": _id_type(dataset.items.schema["item_id"])},
-            "pipeline": json.loads(json.dumps(dataclasses.asdict(
-                pipeline_config or PipelineConfig()))),
+            "pipeline": json.loads(json.dumps(dataclasses.asdict(config))),
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return target
+
+
+def copy_bundle(src: str | Path, dst: str | Path, *, version: str,
+                pipeline: dict[str, Any] | None = None) -> Path:
+    """A copy of bundle ``src`` at ``dst`` served as ``version``, its pipeline settings updated
+    with ``pipeline`` (top-level keys of PipelineConfig): an A/B variant, a popularity-only or
+    stochastic-policy bundle, without rebuilding the models. The manifest's pipeline is read at
+    load and not among the hashed files; settings the config refuses are refused here."""
+    src, dst = Path(src), Path(dst)
+    manifest = read_manifest(src)
+    merged = {**manifest["pipeline"], **(pipeline or {})}
+    try:
+        from_dict(PipelineConfig, merged, where="pipeline")
+    except (ValueError, TypeError, ConfigError) as exc:
+        raise BundleError(f"pipeline settings {pipeline}: {exc}") from None
+    if dst.exists():
+        raise BundleError(f"{dst} exists: copy a bundle into a new folder")
+    shutil.copytree(src, dst)
+    manifest.update(version=version, pipeline=merged)
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return dst
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -268,6 +299,7 @@ def load_bundle(path: str | Path, *, verify: bool = True, ort_threads: int = 1) 
         items_frame = pl.read_parquet(root / ITEMS)
         popular = Popularity.load(root / POPULAR)
         item_cf = ItemCF.load(root / ITEM_CF)
+        reference = _reference(root, manifest, config)
     except (OSError, ValueError, KeyError, TypeError, AssertionError, ConfigError,
             pl.exceptions.PolarsError) as exc:
         raise BundleError(f"{root}: cannot read an artifact: {exc}") from None
@@ -290,10 +322,32 @@ def load_bundle(path: str | Path, *, verify: bool = True, ort_threads: int = 1) 
             raise BundleError(f"{root}: the {what} covers {size} item ids, the spec {n_items}")
     bundle = Bundle(path=root, manifest=manifest, spec=spec, vocabs=vocabs, ranker=ranker,
                     catalog=catalog, items=_item_table(items_frame), popular=popular,
-                    item_cf=item_cf, config=config)
+                    item_cf=item_cf, config=config, reference=reference)
     if (root / TWO_TOWER).is_dir():
         _load_retriever(bundle, root, ort_threads)
     return bundle
+
+
+def _reference(root: Path, manifest: dict[str, Any], config: PipelineConfig) -> Reference | None:
+    if REFERENCE not in manifest["files"]:
+        return None
+    reference = Reference.load(root / REFERENCE)
+    # the manifest's pipeline may have changed since the build (a copy served with other
+    # sources): the sources to expect are the ones this config merges
+    return dataclasses.replace(reference, expected_sources=expected_sources(
+        config, has_retriever=(root / TWO_TOWER).is_dir()))
+
+
+def read_reference(path: str | Path) -> tuple[str, Reference | None]:
+    """The version and training reference of the bundle at ``path``, without loading its
+    models (what the offline report needs)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    try:
+        config = from_dict(PipelineConfig, manifest["pipeline"], where=f"{root}/{MANIFEST}:pipeline")
+        return str(manifest["version"]), _reference(root, manifest, config)
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise BundleError(f"{root}: cannot read its reference: {exc}") from None
 
 
 def _load_retriever(bundle: Bundle, root: Path, ort_threads: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from bstrec.monitoring.alerts import Alert
 from bstrec.serving.pipeline import Recommendation
 
 # milliseconds-scale stages up to whole-request seconds
@@ -35,6 +36,14 @@ class Metrics:
         self.store_up = Gauge("bstrec_store_up", "1 while the feature store answers", registry=r)
         self.bundle = Gauge("bstrec_bundle_info", "The bundle being served (value 1)",
                             ["version"], registry=r)
+        self.shadow = Counter("bstrec_shadow", "Shadow scorings, by outcome (scored, dropped: "
+                              "over shadow_max_pending waiting, failed)", ["outcome"],
+                              registry=r)
+        self.alert = Gauge("bstrec_alert", "1 while an alert's threshold is breached over the "
+                           "last alert_window shown items, else 0", ["name", "model_version"],
+                           registry=r)
+        self.alert_value = Gauge("bstrec_alert_value", "The value an alert compares with its "
+                                 "threshold", ["name", "model_version"], registry=r)
 
     def observe(self, rec: Recommendation) -> None:
         for stage, ms in rec.timings_ms.items():
@@ -46,6 +55,16 @@ class Metrics:
     def serving(self, version: str) -> None:
         self.bundle.clear()
         self.bundle.labels(version).set(1)
+
+    def alerts(self, alerts: dict[str, list[Alert]]) -> None:
+        """The alerts of the last evaluation by model version (alerts that could not be
+        computed are absent, so their gauges go too)."""
+        self.alert.clear()
+        self.alert_value.clear()
+        for version, found in alerts.items():
+            for a in found:
+                self.alert.labels(a.name, version).set(1.0 if a.breached else 0.0)
+                self.alert_value.labels(a.name, version).set(a.value)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -40,6 +40,7 @@ from bstrec.features.store import (
     UserId,
     UserSnapshot,
 )
+from bstrec.monitoring.policy import plackett_luce
 from bstrec.serving.bundle import Bundle, IdType
 from bstrec.serving.guard import StoreGuard
 from bstrec.serving.match import OnlineMatcher
@@ -81,6 +82,8 @@ class RecommendedItem:
     category: str | None
     model_version: str
     title: str | None = None  # the item table's title (MovieLens), for people reading the list
+    # P(the item is in the shown list) under the stochastic policy; None under greedy
+    propensity: float | None = None
 
 
 @dataclass
@@ -96,6 +99,23 @@ class Recommendation:
     degraded_reasons: list[str]
     candidates: dict[str, int]  # merged candidates proposed by each source
     timings_ms: dict[str, float]  # per pipeline stage (STAGES)
+    policy: str = "greedy"  # how the shown list was drawn (PipelineConfig.policy)
+    # what the ranker read, for the impression log's drift and freshness columns (not part of
+    # the HTTP answer): the newest behaviour's time and category, the profile's raw values
+    newest_ts: int | None = None
+    last_category: str | None = None
+    profile: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UserState:
+    """A user's store read for one request (``reasons``: why it was degraded), taken once and
+    handed to every bundle that answers the request (A/B arm and shadow see the same state)."""
+
+    user: UserId
+    snapshot: UserSnapshot
+    reasons: tuple[str, ...]
+    read_ms: float
 
 
 @dataclass(frozen=True)
@@ -273,11 +293,24 @@ class Pipeline:
         return parts
 
     # --- recommend ----------------------------------------------------------------------------
-    def recommend(self, user_id: object, k: int = 10, now: int | None = None) -> Recommendation:
-        """Top ``k`` items for ``user_id`` at time ``now`` (unix seconds; default the clock)."""
+    def recommend(self, user_id: object, k: int = 10, now: int | None = None, *,
+                  state: UserState | None = None, seed: int | None = None) -> Recommendation:
+        """Top ``k`` items for ``user_id`` at time ``now`` (unix seconds; default the clock).
+        ``state``: the user's store read already taken (``read_user``), else read here;
+        ``seed``: the stochastic policy's draw (the same seed, the same list)."""
         if k < 1:
             raise RequestError(f"k must be >= 1, got {k}")
-        return self._recommend(self.user_id(user_id), k, now, use_store=True)
+        if state is None:
+            state = self.read_user(user_id)
+        return self._recommend(state.user, k, now, use_store=True, state=state, seed=seed)
+
+    def read_user(self, user_id: object) -> UserState:
+        """The user's snapshot from the store (cold start, with the reason, when it is down)."""
+        user = self.user_id(user_id)
+        started = time.perf_counter()
+        reasons: list[str] = []
+        snapshot = self._snapshot(user, reasons, use_store=True)
+        return UserState(user, snapshot, tuple(reasons), (time.perf_counter() - started) * 1e3)
 
     def warmup(self) -> Recommendation:
         """One request for a user without history (the store not read): loads every lazy part
@@ -291,13 +324,17 @@ class Pipeline:
                                           use_store=True))
         return out
 
-    def _recommend(self, user: UserId, k: int, now: int | None, *,
-                   use_store: bool) -> Recommendation:
+    def _recommend(self, user: UserId, k: int, now: int | None, *, use_store: bool,
+                   state: UserState | None = None, seed: int | None = None) -> Recommendation:
         ts = int(self.clock()) if now is None else int(now)
         watch = _Stopwatch()
-        reasons: list[str] = []
-        snapshot = self._snapshot(user, reasons, use_store)
-        watch.lap("store")
+        if state is None:
+            reasons: list[str] = []
+            snapshot = self._snapshot(user, reasons, use_store)
+            watch.lap("store")
+        else:
+            reasons, snapshot = list(state.reasons), state.snapshot
+            watch.laps["store"] = state.read_ms
 
         table = self._item_table(snapshot, reasons, use_store)
         row = self.features.query_row(snapshot, table, self.probe_item, ts)
@@ -316,7 +353,12 @@ class Pipeline:
         cand_idx = matched.ids[order]
         values, categories = self.item_vocab.values, table.categories
         scores = np.zeros(0, dtype=np.float32)
-        if len(cand_idx):
+        config = self.bundle.config
+        if config.ranking == "popular":
+            watch.lap("rank_features")
+            counts = self.bundle.popular.global_
+            scores = (counts[cand_idx] / max(float(counts.sum()), 1.0)).astype(np.float32)
+        elif len(cand_idx):
             # the query row already holds the user's history, profile and context: only the
             # candidates' item columns are taken here (rows of the item table), and the
             # ranker's request-shaped graph takes the shared inputs once (equal to rows() + the
@@ -331,27 +373,43 @@ class Pipeline:
         watch.lap("rank")
 
         version = self.version
-        # best first, ties in pre-rank order (a stable sort, as sorting the items was); the
-        # rules read ids and categories, and only the k kept become response items
-        best = np.argsort(-scores, kind="stable")
         ids = cand_idx.tolist()
-        kept = apply_rules(best.tolist(), k, item_of=lambda j: values[ids[j] - N_RESERVED],
-                           category_of=lambda j: categories[ids[j]],
-                           seen=seen_raw, max_per_category=self.bundle.config.max_per_category)
+        propensities: list[float | None]
+        if config.policy.kind == "plackett_luce":
+            # candidates exclude the seen items already (match), and the config allows no
+            # category cap: the sampler's list is shown as drawn
+            drawn, inclusion = plackett_luce(scores, k, config.policy.temperature,
+                                             np.random.default_rng(seed))
+            kept, propensities = drawn.tolist(), inclusion.tolist()
+        else:
+            # best first, ties in pre-rank order (a stable sort, as sorting the items was); the
+            # rules read ids and categories, and only the k kept become response items
+            best = np.argsort(-scores, kind="stable")
+            kept = apply_rules(best.tolist(), k, item_of=lambda j: values[ids[j] - N_RESERVED],
+                               category_of=lambda j: categories[ids[j]],
+                               seen=seen_raw, max_per_category=config.max_per_category)
+            propensities = [None] * len(kept)
         final = [RecommendedItem(item_id=(item := values[ids[j] - N_RESERVED]),
                                  score=float(scores[j]), prerank_score=float(pre[order[j]]),
                                  sources=matched.sources(int(order[j])),
                                  category=categories[ids[j]], model_version=version,
-                                 title=self._title(item))
-                 for j in kept]
+                                 title=self._title(item), propensity=p)
+                 for j, p in zip(kept, propensities, strict=True)]
         watch.lap("rules")
+        newest = snapshot.behaviours[-1] if snapshot.behaviours else None
         return Recommendation(
             user_id=user, items=final, model_version=version, request_time=ts,
             path=matched.path,
             known_user=snapshot.profile is not None or bool(snapshot.behaviours),
             history_length=len(snapshot.behaviours), degraded=bool(reasons),
             degraded_reasons=reasons, candidates=matched.per_source,
-            timings_ms={s: round(watch.laps.get(s, 0.0), 3) for s in STAGES})
+            timings_ms={s: round(watch.laps.get(s, 0.0), 3) for s in STAGES},
+            policy=config.policy.kind,
+            newest_ts=None if newest is None else newest.timestamp,
+            last_category=None if newest is None else self._category(
+                self.bundle.items.get(newest.item_id)),
+            profile={} if snapshot.profile is None else {
+                name: str(v) for name, v in snapshot.profile.items() if v is not None})
 
     # --- history -----------------------------------------------------------------------------
     def history(self, user_id: object, n: int = 20) -> History:

@@ -25,6 +25,9 @@ class RecommendedItem(_Model):
     category: str | None
     model_version: str
     title: str | None = Field(None, description="The item's title, where the catalogue has one")
+    propensity: float | None = Field(
+        None, description="Probability that the item is in the shown list under the stochastic "
+        "policy (null under greedy)")
 
 
 class Recommendation(_Model):
@@ -33,6 +36,9 @@ class Recommendation(_Model):
     user_id: Id
     items: list[RecommendedItem]
     model_version: str
+    arm: str = Field(description="Experiment arm: A or B when two bundles are served, else "
+                     "default")
+    policy: str = Field(description="How the list was drawn: greedy or plackett_luce")
     request_time: int = Field(description="Unix seconds the features were computed at")
     path: str = Field(description="Match route: regular, few (1-2 behaviours) or cold")
     known_user: bool

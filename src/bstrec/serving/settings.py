@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # seeding at start: the bundle's item table, and optionally a samples dir's event log
     seed_items: bool = True
     seed_events: Path | None = None
+    # with seed_events: only the events before this time (unix seconds), or before the samples'
+    # test period ("test"), so that a replay of that period (`bstrec replay`) finds each user's
+    # history and profile as of its start and nothing later; profiles and items are all loaded
+    seed_until: int | Literal["test"] | None = None
     # Keys (X-API-Key). Separate scopes, so that the key handed to every event producer cannot
     # swap the model: POST /events takes ``events_key``, POST /admin/reload ``admin_key``, each
     # falling back to ``api_key`` (one key for both, as before) when unset; a scope without
@@ -75,6 +79,22 @@ class Settings(BaseSettings):
     impression_log: Path | None = None
     impression_flush_rows: int = Field(1_000, ge=1)
     impression_flush_s: float = Field(5.0, gt=0)
+    # experiments: a second bundle served to ``share_b`` of the users (arm B, the main bundle
+    # being arm A), split by a salted hash of the user id: a user stays in one arm
+    bundle_b: Path | None = None
+    share_b: float = Field(0.5, ge=0, le=1)
+    experiment_salt: str = "bstrec"
+    # a candidate bundle scored on every request, off the request path, on the same store read
+    # and logged (shown = false), never served: what `bstrec monitor ope` evaluates
+    shadow_bundle: Path | None = None
+    # shadow scorings waiting for the shadow thread beyond this are dropped (bstrec_shadow
+    # {outcome="dropped"}): a shadow slower than the traffic must not queue without bound
+    shadow_max_pending: int = Field(100, ge=1)
+    # live alerts on /metrics (gauges bstrec_alert): thresholds (a YAML of
+    # monitoring/alerts.py's AlertConfig; None: its defaults) over the last ``alert_window``
+    # shown items against each bundle's training reference; 0: off
+    alert_window: int = Field(0, ge=0)
+    alert_config: Path | None = None
     # the web page mounted at / (API routes take precedence); None: no page
     static_dir: Path | None = WEB_DIR
     host: str = "127.0.0.1"
@@ -84,6 +104,11 @@ class Settings(BaseSettings):
     def _k_in_range(self) -> Settings:
         if self.k_default > self.k_max:
             raise ValueError(f"k_default {self.k_default} is over k_max {self.k_max}")
+        if self.seed_until is not None and self.seed_events is None:
+            raise ValueError("seed_until goes with seed_events (the log it cuts)")
+        if self.shadow_bundle is not None and self.impression_log is None:
+            raise ValueError("shadow_bundle needs impression_log: a shadow ranking is only "
+                             "logged, never served")
         return self
 
     def events_secret(self) -> SecretStr | None:

@@ -1,10 +1,10 @@
-"""Fixtures of the serving tests: one tiny bundle per session (synthetic log, a BST with one small
-MLP layer and a two-tower, each trained one epoch), variants of it, and stores."""
+"""Fixtures of the service tests: one tiny bundle per session (synthetic log, a BST with one small
+MLP layer and a two-tower, each trained one epoch), variants of it, and stores. Registered for
+the whole suite by tests/conftest.py (``pytest_plugins``), so that the monitoring tests share the
+same session bundle instead of building their own."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +22,8 @@ from bstrec.features.store import FeatureStore, StoreConfig, open_store
 from bstrec.retrieval.train import RetrieverTrainConfig, train_two_tower
 from bstrec.retrieval.two_tower import TwoTowerConfig
 from bstrec.serving.app import create_app
-from bstrec.serving.bundle import MANIFEST, RANKER, Bundle, load_bundle
+from bstrec.serving.bundle import RANKER, Bundle, load_bundle
+from bstrec.serving.bundle import copy_bundle as bundle_copy
 from bstrec.serving.guard import StoreGuard
 from bstrec.serving.pipeline import Pipeline
 from bstrec.serving.server import BackgroundServer
@@ -45,12 +46,7 @@ class Artifacts:
 
 
 def copy_bundle(src: Path, dst: Path, version: str, **pipeline: object) -> Path:
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / MANIFEST).read_text())
-    manifest["version"] = version
-    manifest["pipeline"].update(pipeline)
-    (dst / MANIFEST).write_text(json.dumps(manifest))
-    return dst
+    return bundle_copy(src, dst, version=version, pipeline=pipeline)
 
 
 @pytest.fixture(scope="session")
