@@ -148,7 +148,7 @@ def data_build(
 def _build_impressions(log_dir: Path | None, base: Path | None, out: Path | None,
                        window_s: float | None, unused: list[tuple[str, object]]) -> None:
     """``data build --dataset impressions``: samples from the service's impression log."""
-    from bstrec.data.impressions import DEFAULT_WINDOW_S, build_impression_samples
+    from bstrec.data.impressions import build_impression_samples
 
     given = [name for name, value in unused if value]
     if given:
@@ -163,7 +163,7 @@ def _build_impressions(log_dir: Path | None, base: Path | None, out: Path | None
         with console.status(f"building samples from the impression log {log_dir}"):
             path = build_impression_samples(
                 log_dir, base, target,
-                window_s=DEFAULT_WINDOW_S if window_s is None else window_s)
+                window_s=click_window(window_s))
     except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
         raise fail(str(exc)) from None
     print_manifest(console, json.loads((path / "manifest.json").read_text()), path)
@@ -520,14 +520,13 @@ def replay_cmd(
     served without their profile features (see bstrec.monitoring.replay)."""
     import os
 
-    from bstrec.data.impressions import DEFAULT_WINDOW_S
     from bstrec.monitoring.replay import ReplayConfig, ReplayError, replay
 
     key = api_key or os.environ.get("BSTREC_EVENTS_KEY") or os.environ.get("BSTREC_API_KEY")
     try:
         cfg = ReplayConfig(k=k, limit=limit, skip=skip, api_key=key, seed_history=seed_history,
                            freeze_item=freeze_item, max_errors=max_errors,
-                           window_s=DEFAULT_WINDOW_S if window_s is None else window_s)
+                           window_s=click_window(window_s))
         result = replay(samples, service, cfg, progress=not as_json)
     except ReplayError as exc:
         done = exc.result.to_dict() if exc.result is not None else {}
@@ -663,9 +662,16 @@ def similar_cmd(
 monitor_app = typer.Typer(help="Read the impression log: reports, alerts, off-policy estimates.",
                           no_args_is_help=True)
 app.add_typer(monitor_app, name="monitor")
-# the default of the replay and of impression samples (bstrec.data.impressions.DEFAULT_WINDOW_S)
-WindowOpt = Annotated[float, typer.Option(
-    help="A click is an event on a shown item within this many seconds of the answer")]
+WindowOpt = Annotated[float | None, typer.Option(
+    help="A click is an event on a shown item within this many seconds of the answer "
+    "(default: the replay's and impression samples', one hour)")]
+
+
+def click_window(window_s: float | None) -> float:
+    """``--window-s``, or the one default the replay and impression samples share."""
+    from bstrec.data.impressions import DEFAULT_WINDOW_S
+
+    return DEFAULT_WINDOW_S if window_s is None else window_s
 TimeOpt = Annotated[str | None, typer.Option(
     help="Unix seconds or an ISO date/time (UTC unless it says otherwise)")]
 
@@ -695,7 +701,7 @@ def monitor_report(
                                            "plots")] = Path("artifacts/monitor"),
     since: TimeOpt = None,
     until: TimeOpt = None,
-    window_s: WindowOpt = 3_600.0,
+    window_s: WindowOpt = None,
     bundle: Annotated[list[Path] | None, typer.Option(
         help="A bundle whose training reference the drift is measured against (repeatable: "
         "one per model version in the log)")] = None,
@@ -726,7 +732,8 @@ def monitor_report(
         config = AlertConfig() if alerts is None else AlertConfig.from_yaml(alerts)
         with console.status("joining clicks and writing the report"):
             result = write_log_report(log, out, since=parse_time(since, "--since"),
-                                      until=parse_time(until, "--until"), window_s=window_s,
+                                      until=parse_time(until, "--until"),
+                                      window_s=click_window(window_s),
                                       references=references, alert_config=config,
                                       fmt=fmt)  # type: ignore[arg-type]
     except (ValueError, OSError) as exc:
@@ -747,7 +754,7 @@ def monitor_ope(
     target: Annotated[str, typer.Option(help="Model version of the shadow bundle to estimate")],
     since: TimeOpt = None,
     until: TimeOpt = None,
-    window_s: WindowOpt = 3_600.0,
+    window_s: WindowOpt = None,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (of users)")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed")] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the estimate as JSON here")] = None,
@@ -761,6 +768,7 @@ def monitor_ope(
     from bstrec.monitoring.ope import estimate
 
     t0, t1 = parse_time(since, "--since"), parse_time(until, "--until")
+    window_s = click_window(window_s)
     try:
         impressions = read_log(log, "impressions", t0, t1)
         events = read_log(log, "events", t0, None if t1 is None else t1 + window_s)
