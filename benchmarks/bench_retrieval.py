@@ -5,15 +5,23 @@ train split, train the two-tower (epoch chosen on valid P2 queries), index its i
 (exact inner product), then on every test query (label-1 test sample; history as of its time;
 seen items excluded; catalog = every movie seen in train):
 
-- each source's own top 500 (two_tower, item_cf, popular);
+- each source's own top 500 (two_tower, item_cf, popular, item2vec);
 - the merged candidates (quotas two_tower 300 / item_cf 150 / popular 50, deduplicated,
-  cold-start routing for users with no or few behaviours), in their own merged order;
+  cold-start routing for users with no or few behaviours), in their own merged order, and
+  ``merged+item2vec``: the same total with item2vec under its own quota (``--item2vec-quota``,
+  taken from two_tower and item_cf in proportion), and the share of targets each source put
+  into it;
+- item2vec (skip-gram over sessions, retrieval/item2vec.py) trained by both backends (gensim,
+  torch) for ``--seeds`` seeds each: train time and valid Recall/NDCG; the backend kept for the
+  test rows is the faster one unless the other's mean valid Recall@50 is higher by more than
+  ``--equal-recall`` (selection on valid, test once);
 - the full funnel: the merged candidates pre-ranked by the two-tower's dot product, the top
   ``--rerank`` of them ranked with a BST ranker trained by ``train_ranker("bst", ...)`` (see
   ``funnel``), followed by the rest in pre-rank order.
 
 Recall@10/50/100/200/500 and NDCG@10 averaged over the queries. Models and samples are cached
-in ``--workdir`` (``--retrain`` trains again).
+in ``--workdir`` (``--retrain`` trains again). ``--skip-funnel`` leaves out the BST funnel
+(its BST pass is most of ML-1M's run time).
 
     python benchmarks/bench_retrieval.py [--protocols ml1m-retrieval ml100k-retrieval]
 """
@@ -42,7 +50,9 @@ from bstrec.retrieval.candidates import SOURCES, CandidateConfig, CandidateGener
 from bstrec.retrieval.catalog import Catalog, QuerySet, item_feature_names
 from bstrec.retrieval.coldstart import COLD, FEW, REGULAR, route
 from bstrec.retrieval.index import IndexConfig, build_index
+from bstrec.retrieval.item2vec import Item2Vec, Item2VecConfig
 from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
+from bstrec.retrieval.merge import Candidates
 from bstrec.retrieval.popular import PopularConfig, Popularity
 from bstrec.retrieval.topk import KS, list_metrics
 from bstrec.retrieval.train import (
@@ -169,35 +179,65 @@ def run(protocol: str, args: argparse.Namespace) -> dict[str, Any]:
 
     vecs = item_vectors(model, catalog).numpy()
     index = build_index(catalog.candidates, vecs[catalog.candidates], IndexConfig(kind="exact"))
+    valid = QuerySet.from_samples(samples, "valid")
+    i2v, i2v_cmp = compare_item2vec(samples, catalog, valid, args)
     cand_cfg = CandidateConfig()
+    cand_i2v = dataclasses.replace(cand_cfg, quotas=with_item2vec(cand_cfg.quotas,
+                                                                  args.item2vec_quota))
     gen = CandidateGenerator(catalog, model=model, index=index, item_cf=cf, popular=pop,
-                             config=cand_cfg)
+                             config=cand_cfg, item2vec=i2v)
+    gen_i2v = CandidateGenerator(catalog, model=model, index=index, item_cf=cf, popular=pop,
+                                 config=cand_i2v, item2vec=i2v)
     t0 = time.perf_counter()
-    merged, lists = gen.generate(test)
+    # one pass of the sources, merged under both quota sets (the default merge ignores item2vec)
+    parts: dict[str, list[Candidates]] = {"merged": [], "merged+item2vec": []}
+    per_source: dict[str, list[np.ndarray]] = {}
+    for rows in gen.batches(test):
+        batch_lists = gen.source_lists(test, rows)
+        for n, v in batch_lists.items():
+            per_source.setdefault(n, []).append(v)
+        parts["merged"].append(gen.merge_rows(test, rows, batch_lists))
+        parts["merged+item2vec"].append(gen_i2v.merge_rows(test, rows, batch_lists))
+    lists = {n: np.concatenate(v) for n, v in per_source.items()}
+    merges = {n: Candidates(np.concatenate([c.ids for c in v]),
+                            np.concatenate([c.sources for c in v]), SOURCES)
+              for n, v in parts.items()}
+    merged = merges["merged"]
     gen_s = time.perf_counter() - t0
 
     sources: dict[str, dict[str, float]] = {}
-    for name in ("two_tower", "item_cf", "popular"):
+    for name in ("two_tower", "item_cf", "popular", "item2vec"):
         sources[name] = list_metrics(lists[name], test.targets)
-    sources["merged"] = list_metrics(merged.ids, test.targets)
+    for name, m in merges.items():
+        sources[name] = list_metrics(m.ids, test.targets)
 
     bst_dir = workdir / "bst"
-    if args.retrain or not (bst_dir / "best").exists():
-        train_ranker("bst", sdir, bst_dir, train_overrides={**RANKER_TRAIN,
-                                                            "num_threads": threads},
-                     console=console)
-    ranker = load_checkpoint(bst_dir / "best").model
-    lists_f, pair_rate = funnel(model, ranker, test, catalog, vecs, merged.ids, args.rerank,
-                                train_cfg.temperature, bst_only=args.bst_only)
-    sources["funnel"] = list_metrics(lists_f["funnel"], test.targets)
-    diagnostics = {n: list_metrics(v, test.targets) for n, v in lists_f.items() if n != "funnel"}
+    diagnostics: dict[str, dict[str, float]] = {}
+    pair_rate = float("nan")
+    if not args.skip_funnel:
+        if args.retrain or not (bst_dir / "best").exists():
+            train_ranker("bst", sdir, bst_dir, train_overrides={**RANKER_TRAIN,
+                                                                "num_threads": threads},
+                         console=console)
+        ranker = load_checkpoint(bst_dir / "best").model
+        lists_f, pair_rate = funnel(model, ranker, test, catalog, vecs, merged.ids, args.rerank,
+                                    train_cfg.temperature, bst_only=args.bst_only)
+        sources["funnel"] = list_metrics(lists_f["funnel"], test.targets)
+        diagnostics = {n: list_metrics(v, test.targets) for n, v in lists_f.items()
+                       if n != "funnel"}
 
     # which sources put the target into the merged list (a hit may have several)
-    hit = merged.ids == test.targets[:, None]
-    found = {n: float((hit & merged.from_source(n)).any(1).mean()) for n in SOURCES}
+    found, share = {}, {}
+    for name, m in merges.items():
+        hit = m.ids == test.targets[:, None]
+        found[name] = {n: float((hit & m.from_source(n)).any(1).mean()) for n in SOURCES}
+        share[name] = {n: float(m.from_source(n)[m.ids >= 0].mean()) for n in SOURCES}
+    m = merges["merged+item2vec"]
+    hit = m.ids == test.targets[:, None]
+    only_i2v = float((hit & (m.sources == 1 << SOURCES.index("item2vec"))).any(1).mean())
     paths = route(test.data.tensors["hist_mask"], cand_cfg.cold)
-    share = {n: float(merged.from_source(n)[merged.ids >= 0].mean()) for n in SOURCES}
-    bst_meta = json.loads((bst_dir / "best" / "checkpoint.json").read_text())
+    bst_meta = json.loads((bst_dir / "best" / "checkpoint.json").read_text()) \
+        if not args.skip_funnel else {}
     return {
         "protocol": protocol, "date": now(), "machine": machine(), "threads": threads,
         "command": "python benchmarks/bench_retrieval.py " + " ".join(sys.argv[1:]),
@@ -206,15 +246,24 @@ def run(protocol: str, args: argparse.Namespace) -> dict[str, Any]:
         "sources": {n: {k: round(v, 4) for k, v in m.items()} for n, m in sources.items()},
         "funnel_diagnostics": {n: {k: round(v, 4) for k, v in m.items()}
                                for n, m in diagnostics.items()},
-        "merged_target_found_by": {k: round(v, 4) for k, v in found.items()},
-        "merged_share_by_source": {k: round(v, 4) for k, v in share.items()},
+        "funnel_skipped": bool(args.skip_funnel),
+        "merged_target_found_by": {k: round(v, 4) for k, v in found["merged"].items()},
+        "merged_share_by_source": {k: round(v, 4) for k, v in share["merged"].items()},
+        "merged_item2vec_target_found_by": {k: round(v, 4)
+                                            for k, v in found["merged+item2vec"].items()},
+        "merged_item2vec_target_found_by_item2vec_only": round(only_i2v, 4),
+        "merged_item2vec_share_by_source": {k: round(v, 4)
+                                            for k, v in share["merged+item2vec"].items()},
+        "item2vec": i2v_cmp,
         "cold_start_paths": {"no_history": int((paths == COLD).sum()),
                              "few_events": int((paths == FEW).sum()),
                              "regular": int((paths == REGULAR).sum())},
         "config": {"popular": dataclasses.asdict(pop_cfg), "item_cf": dataclasses.asdict(cf_cfg),
                    "two_tower": dataclasses.asdict(model_cfg),
                    "two_tower_train": dataclasses.asdict(train_cfg),
-                   "candidates": dataclasses.asdict(cand_cfg), "rerank_depth": args.rerank,
+                   "candidates": dataclasses.asdict(cand_cfg),
+                   "candidates_item2vec": dataclasses.asdict(cand_i2v),
+                   "rerank_depth": args.rerank,
                    "ranker": {"model": "bst", "train": RANKER_TRAIN,
                               "valid_auc": bst_meta.get("metrics", {}).get("valid_auc")}},
         "two_tower_training": {"best_epoch": tt_result_d["best_epoch"],
@@ -222,8 +271,72 @@ def run(protocol: str, args: argparse.Namespace) -> dict[str, Any]:
                                "seconds": round(tt_result_d["seconds"], 1),
                                "history": tt_result_d["history"]},
         "seconds": {"fit_popular_item_cf": round(fit_s, 2), "generate_all_queries": round(gen_s, 2),
-                    "bst_pairs_per_second": round(pair_rate, 1)},
+                    "bst_pairs_per_second": None if args.skip_funnel else round(pair_rate, 1)},
     }
+
+
+def with_item2vec(quotas: tuple[tuple[str, int], ...], quota: int
+                  ) -> tuple[tuple[str, int], ...]:
+    """The quotas with item2vec's ``quota`` taken from two_tower and item_cf in proportion to
+    theirs, so the merged list keeps its total (and its Recall@K stays comparable)."""
+    q = dict(quotas)
+    tt, cf = q.get("two_tower", 0), q.get("item_cf", 0)
+    if quota > tt + cf:
+        raise ValueError(f"item2vec quota {quota} exceeds two_tower + item_cf ({tt + cf})")
+    d_tt = round(quota * tt / max(tt + cf, 1))
+    q["two_tower"], q["item_cf"] = tt - d_tt, cf - (quota - d_tt)
+    return (*((n, v) for n, v in q.items() if v > 0), ("item2vec", quota))
+
+
+def item2vec_list(model: Item2Vec, catalog: Catalog, queries: QuerySet, k: int = 500
+                  ) -> np.ndarray:
+    """(Q, k) item2vec's own list of every query, seen items excluded."""
+    gen = CandidateGenerator(catalog, item2vec=model)
+    return np.concatenate([gen.source_lists(queries, rows, k, only=["item2vec"])["item2vec"]
+                           for rows in gen.batches(queries)])
+
+
+def compare_item2vec(samples: SampleSet, catalog: Catalog, valid: QuerySet,
+                     args: argparse.Namespace) -> tuple[Item2Vec, dict[str, Any]]:
+    """item2vec trained by each backend for ``args.seeds`` seeds: train seconds and valid
+    metrics. The faster backend (mean seconds) is kept unless the other's mean valid Recall@50
+    is higher by more than ``args.equal_recall``; its seed-0 model is returned."""
+    train = samples.splits["train"]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    models: dict[str, Item2Vec] = {}
+    for backend in args.item2vec_backends:
+        for seed in range(args.seeds):
+            cfg = from_dict(Item2VecConfig, {**args.item2vec, "backend": backend, "seed": seed},
+                            where="--item2vec")
+            m = Item2Vec.fit(train, catalog.size, cfg)
+            met = list_metrics(item2vec_list(m, catalog, valid), valid.targets)
+            runs.setdefault(backend, []).append(
+                {"seed": seed, "seconds": m.info["seconds"],
+                 **{f"valid_{k}": round(v, 4) for k, v in met.items()}})
+            console.log(f"item2vec {backend} seed {seed}: {m.info['seconds']:.1f} s, "
+                        f"valid recall@50 {met['recall@50']:.4f}")
+            if seed == 0:
+                models[backend] = m
+    summary = {b: {"seconds_mean": round(float(np.mean([r["seconds"] for r in rs])), 2),
+                   "valid_recall@50_mean": round(float(np.mean([r["valid_recall@50"]
+                                                                for r in rs])), 4),
+                   "valid_recall@50_std": round(float(np.std([r["valid_recall@50"]
+                                                              for r in rs])), 4),
+                   "valid_ndcg@10_mean": round(float(np.mean([r["valid_ndcg@10"]
+                                                              for r in rs])), 4)}
+               for b, rs in runs.items()}
+    by_speed = sorted(summary, key=lambda b: summary[b]["seconds_mean"])
+    kept = by_speed[0]
+    for other in by_speed[1:]:
+        if summary[other]["valid_recall@50_mean"] > (summary[kept]["valid_recall@50_mean"]
+                                                     + args.equal_recall):
+            kept = other
+    model = models[kept]
+    return model, {"kept": kept, "rule": f"faster unless another backend's mean valid "
+                   f"Recall@50 is higher by > {args.equal_recall}",
+                   "config": dataclasses.asdict(model.config), "train_info": model.info,
+                   "backends": summary, "runs": runs, "quota": args.item2vec_quota,
+                   "seeds": args.seeds}
 
 
 ABLATIONS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
@@ -274,6 +387,41 @@ def ablation_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def item2vec_markdown(r: dict[str, Any]) -> list[str]:
+    """The item2vec paragraph of one protocol: backends compared on valid, the kept one's
+    share of the merged+item2vec targets."""
+    iv = r["item2vec"]
+    cfg = iv["config"]
+    quotas = r["config"]["candidates_item2vec"]["quotas"]
+    found = r["merged_item2vec_target_found_by"]
+    lines = [f"item2vec (skip-gram with negative sampling over sessions cut at gaps over "
+             f"{cfg['session_gap_minutes']:g} min; dim {cfg['dim']}, window {cfg['window']}, "
+             f"{cfg['negatives']} negatives, {cfg['epochs']} epochs; query = decayed mean of the "
+             f"{cfg['query_items']} latest behaviours' vectors, searched in an exact index), "
+             f"{iv['seeds']} seeds per backend, valid queries:", "",
+             "| backend | train time (s, mean) | valid Recall@50 (mean ± std) | valid NDCG@10 |",
+             "|---|---:|---:|---:|"]
+    for b, v in iv["backends"].items():
+        lines.append(f"| {b}{' (kept)' if b == iv['kept'] else ''} | {v['seconds_mean']:.1f} | "
+                     f"{v['valid_recall@50_mean']:.4f} ± {v['valid_recall@50_std']:.4f} | "
+                     f"{v['valid_ndcg@10_mean']:.4f} |")
+    bk = iv["backends"]
+    fastest = min(bk, key=lambda b: bk[b]["seconds_mean"])
+    why = "the fastest" if fastest == iv["kept"] else (
+        f"{fastest} was faster, by {bk[iv['kept']]['seconds_mean'] / bk[fastest]['seconds_mean']:.1f}x, "
+        f"but {iv['kept']}'s valid Recall@50 is higher by "
+        f"{bk[iv['kept']]['valid_recall@50_mean'] - bk[fastest]['valid_recall@50_mean']:.4f}")
+    lines += ["", f"Kept: {iv['kept']} ({why}; rule: {iv['rule']}); its seed-0 model gives the "
+              "test rows "
+              "`item2vec` and `merged+item2vec` (quotas "
+              + " / ".join(f"{n} {q}" for n, q in quotas) + "). Targets in merged+item2vec, by "
+              "the sources that proposed them: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in found.items() if v > 0)
+              + "; proposed by item2vec alone: "
+              f"{r['merged_item2vec_target_found_by_item2vec_only']:.4f} of the queries."]
+    return lines
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     r0 = results[0]
     m = r0["machine"]
@@ -315,12 +463,16 @@ def markdown(results: list[dict[str, Any]]) -> str:
                          + f" | {met['ndcg@10']:.4f} |")
         tt = r["two_tower_training"]
         found = r["merged_target_found_by"]
+        bst_rate = r["seconds"]["bst_pairs_per_second"]
         lines += ["", f"Two-tower: best epoch {tt['best_epoch']} (valid Recall@50 "
                   f"{tt['valid_recall@50']:.4f}), trained in {tt['seconds']:.0f} s. Targets in the "
                   "merged list, by the sources that proposed them: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in found.items() if v > 0)
-                  + f". BST scored {r['seconds']['bst_pairs_per_second']:,.0f} candidate pairs/s.",
+                  + (f". BST scored {bst_rate:,.0f} candidate pairs/s." if bst_rate else
+                     ". The BST funnel was not run (`--skip-funnel`)."),
                   ""]
+        if "item2vec" in r:
+            lines += [*item2vec_markdown(r), ""]
         abl = RESULTS / f"retrieval_ablation_{r['protocol']}.json"
         if abl.exists():
             lines += [*ablation_markdown(json.loads(abl.read_text())), ""]
@@ -343,6 +495,18 @@ def main() -> None:
     ap.add_argument("--tt-model", type=json.loads, default={"encoder": "mean"},
                     help="two-tower model config overrides as JSON")
     ap.add_argument("--no-markdown", action="store_true")
+    ap.add_argument("--skip-funnel", action="store_true",
+                    help="leave out the BST funnel (no BST training or ranking)")
+    ap.add_argument("--item2vec", type=json.loads, default={},
+                    help='item2vec config overrides as JSON (both backends), e.g. '
+                    '\'{"session_gap_minutes": 60}\'')
+    ap.add_argument("--item2vec-backends", nargs="+", default=["torch", "gensim"],
+                    choices=["torch", "gensim"])
+    ap.add_argument("--item2vec-quota", type=int, default=100,
+                    help="item2vec's quota in merged+item2vec (taken from two_tower, item_cf)")
+    ap.add_argument("--seeds", type=int, default=3, help="item2vec seeds per backend")
+    ap.add_argument("--equal-recall", type=float, default=0.005,
+                    help="valid Recall@50 difference under which backends count as equal")
     ap.add_argument("--ablation", action="store_true",
                     help="train the two-tower variants of ABLATIONS instead (test metrics each)")
     ap.add_argument("--markdown-only", action="store_true",

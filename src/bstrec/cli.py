@@ -61,7 +61,8 @@ def fail(message: str) -> typer.Exit:
 @data_app.command("build")
 def data_build(
     dataset: Annotated[str, typer.Option(help="ml-1m, ml-100k, taobao, amazon, synthetic-order, "
-                                         "synthetic-implicit, csv, parquet or impressions (the "
+                                         "synthetic-implicit, synthetic-taobao, csv, parquet or "
+                                         "impressions (the "
                                          "service's impression log: --input LOG_DIR --base "
                                          "SAMPLES_DIR)")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default artifacts/DATASET)")] = None,
@@ -232,7 +233,8 @@ def train_ranker_cmd(
     out: Annotated[Path, typer.Option(help="Run folder: best/, last/ and train_result.json; "
                                       "with --select, the selection folder")],
     model: Annotated[str | None, typer.Option(
-        help="Ranker to train: bst, din, wdl or wdl_seq (required without --select)")] = None,
+        help="Ranker to train: bst, din, wdl, wdl_seq, or esmm (click and conversion heads, "
+        "on a log with buys) (required without --select)")] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML file with a `model:` and/or `train:` section")] = None,
     set_: Annotated[list[str] | None, typer.Option(
@@ -344,6 +346,48 @@ def train_ranker_cmd(
                   f"checkpoint in [bold]{out / 'best'}[/bold]")
 
 
+@train_app.command("prerank")
+def train_prerank_cmd(
+    samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`")],
+    teacher: Annotated[Path, typer.Option(help="The BST run (or checkpoint) whose logits the "
+                                          "pre-ranker learns")],
+    retriever: Annotated[Path, typer.Option(help="Folder of `bstrec train retriever`: its "
+                                            "merged candidates are what the pre-ranker scores")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder, for `bundle build --prerank`")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Pre-ranker config override, repeatable: hidden=32, mlp=[32], "
+        "item_dim=16, ...")] = None,
+    train_: Annotated[list[str] | None, typer.Option(
+        "--train", help="Distillation override, repeatable: alpha=0.5, temperature=2, lr=2e-3, "
+        "max_epochs=5, seed=0, ...")] = None,
+    n_samples: Annotated[int, typer.Option(
+        help="Train samples whose candidates are distilled (a quarter as many valid ones "
+        "choose the epoch)")] = 8000,
+    k: Annotated[int, typer.Option("-k", help="Merged candidates drawn per sample")] = 15,
+) -> None:
+    """Distil the funnel's pre-ranker from a BST run on the retriever's merged candidates
+    (training/distill.py)."""
+    from bstrec.serving.config import PipelineConfig
+    from bstrec.training.distill import distill_prerank
+
+    try:
+        with console.status("distilling the pre-ranker"):
+            result = distill_prerank(samples, teacher, retriever, out,
+                                     prerank=parse_overrides(set_ or []),
+                                     distill=parse_overrides(train_ or []),
+                                     candidates=PipelineConfig().candidates,
+                                     n_samples=n_samples, k=k)
+    except (ValueError, OSError) as exc:  # ConfigError, CheckpointError
+        raise fail(str(exc)) from None
+    for h in result.history:
+        best = " *" if h["epoch"] == result.best_epoch else ""
+        console.print(f"epoch {h['epoch']:.0f}{best}: train loss {h['train_loss']:.4f}, valid "
+                      f"loss {h['valid_loss']:.4f}, valid Spearman with the teacher "
+                      f"{h['valid_spearman']:.4f}")
+    console.print(f"pre-ranker in [bold]{out}[/bold] ({result.seconds:.0f} s); serve it with "
+                  "`bundle build --prerank OUT --set 'funnel={prerank: distilled}'`")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     samples: Annotated[Path, typer.Option(help="Output folder of `bstrec data build`")],
@@ -394,6 +438,15 @@ def bundle_build(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Pipeline config override, repeatable: rank_n=50, max_per_category=3, "
         "candidates={quotas: [[two_tower, 100], [popular, 50]]}")] = None,
+    item2vec: Annotated[Path | None, typer.Option(
+        help="item2vec folder (RETRIEVER/item2vec of `train retriever --item2vec`): the "
+        "item2vec source, merged where --set candidates quotas name item2vec")] = None,
+    prerank: Annotated[Path | None, typer.Option(
+        help="Distilled pre-ranker checkpoint (training/distill.py): scores every merged "
+        "candidate where --set funnel={prerank: distilled}")] = None,
+    light: Annotated[Path | None, typer.Option(
+        help="Light ranker run or checkpoint (e.g. DIN): the funnel's middle layer where "
+        "--set funnel={light_n: N}")] = None,
 ) -> None:
     """Export the ranker to ONNX and gather every serving artifact into one bundle."""
     from bstrec.config import from_dict
@@ -406,11 +459,15 @@ def bundle_build(
         with console.status("building the bundle"):
             path = build_bundle(samples, ranker, out, retriever_dir=retriever,
                                 index_config=from_dict(IndexConfig, {"kind": index}),
-                                pipeline_config=pipeline, version=version)
+                                pipeline_config=pipeline, version=version,
+                                item2vec_dir=item2vec, prerank_checkpoint=prerank,
+                                light_checkpoint=light)
             bundle = load_bundle(path)
     except (ValueError, OSError) as exc:  # ConfigError, BundleError, CheckpointError
         raise fail(str(exc)) from None
     parts = ["ranker.onnx", "item_cf", "popular"] + (["two_tower", "index"] if retriever else [])
+    parts += ["item2vec"] if item2vec else []
+    parts += [n for n, given in (("prerank", prerank), ("light", light)) if given]
     console.print(f"bundle [bold]{bundle.version}[/bold] in [bold]{path}[/bold] "
                   f"({', '.join(parts)})")
 
@@ -564,6 +621,12 @@ def train_retriever_cmd(
     nproc: Annotated[int, typer.Option(
         help="Data-parallel processes on this machine (torchrun, gloo), each on its slice of "
         "the same global batch_size")] = 1,
+    item2vec: Annotated[bool, typer.Option(
+        "--item2vec", help="Also train the item2vec session source into OUT/item2vec "
+        "(`similar --by sessions`, a candidate source)")] = False,
+    item2vec_set: Annotated[list[str] | None, typer.Option(
+        "--item2vec-set", help="item2vec override, repeatable (implies --item2vec): "
+        "backend=torch|gensim, session_gap_minutes=30, dim=64, window=5, epochs=10, ...")] = None,
 ) -> None:
     """Train the two-tower (valid Recall@K picks the epoch), fit item-CF and popularity."""
     from bstrec.distributed.ddp import DistributedError, Job, launched_rank, run_job
@@ -584,6 +647,16 @@ def train_retriever_cmd(
     for h in result.history:
         console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, " + ", ".join(
             f"{k} {v:.4f}" for k, v in h.items() if k.startswith("valid_")))
+    if item2vec or item2vec_set:
+        from bstrec.retrieval.artifacts import train_item2vec
+
+        try:
+            with console.status("training item2vec"):
+                i2v = train_item2vec(samples, out, parse_overrides(item2vec_set or []))
+        except (ValueError, OSError, ImportError) as exc:
+            raise fail(str(exc)) from None
+        console.print(f"item2vec ({i2v.config.backend}): {i2v.info['sessions']:,} sessions, "
+                      f"{len(i2v.index):,} item vectors in {i2v.info['seconds']:.1f} s")
     console.print(f"best epoch {result.best_epoch}; retriever in [bold]{out}[/bold]")
 
 
@@ -622,10 +695,11 @@ def similar_cmd(
     retriever: Annotated[Path, typer.Option(help="Folder of `bstrec train retriever`")],
     item: Annotated[str, typer.Option(help="Item id as in the dataset")],
     k: Annotated[int, typer.Option("-k", help="How many")] = 10,
-    by: Annotated[str, typer.Option(help="co-occurrence (item-CF) or vectors (two-tower)")] = (
-        "co-occurrence"),
+    by: Annotated[str, typer.Option(help="co-occurrence (item-CF), vectors (two-tower) or "
+                                    "sessions (item2vec)")] = "co-occurrence",
 ) -> None:
-    """Items similar to ITEM: "people also watched" (item-CF) or nearest item vectors."""
+    """Items similar to ITEM: "people also watched" (item-CF), nearest item vectors
+    (two-tower) or nearest session embeddings (item2vec)."""
     from rich.table import Table
 
     from bstrec.retrieval.artifacts import load_artifacts
@@ -645,8 +719,15 @@ def similar_cmd(
             keep = ids[0] != code
             scores, ids = scores[:, keep][:, :k], ids[:, keep][:, :k]
             scores, ids = np.asarray(scores), np.asarray(ids)
+        elif by == "sessions":
+            if r.item2vec is None:
+                raise ValueError(f"{retriever} has no item2vec/: train it with `bstrec train "
+                                 "retriever --item2vec`")
+            # item2vec's own vectors through its index (retrieval/index.py), the item excluded
+            scores, ids = r.item2vec.similar([code], k)
         else:
-            raise ValueError(f"--by must be co-occurrence or vectors (with an index), got {by!r}")
+            raise ValueError("--by must be co-occurrence, vectors (with an index) or sessions, "
+                             f"got {by!r}")
     except (KeyError, ValueError, OSError) as exc:
         raise fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc)) from None
     table = Table(title=f"similar to {item} ({by})")

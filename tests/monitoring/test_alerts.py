@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 
 from bstrec.config import ConfigError
-from bstrec.monitoring.alerts import DAY_S, Alert, AlertConfig, evaluate
-from bstrec.monitoring.drift import CategoricalDistribution, NumericDistribution
+from bstrec.monitoring.alerts import DAY_S, Alert, AlertConfig, evaluate, split_baseline
+from bstrec.monitoring.drift import MODERATE, CategoricalDistribution, NumericDistribution
 from bstrec.monitoring.join import join_clicks
 from bstrec.monitoring.live import LiveMonitor
 from bstrec.monitoring.reference import Reference, served_features
@@ -190,6 +190,34 @@ def test_shifted_outputs_after_the_baseline_breach(fault: dict[str, object], bre
     # shifted from the start, the shift is the baseline: nothing to tell
     shifted, _ = make_log(BASELINE + 400, **fault)  # type: ignore[arg-type]
     assert not any(a.breached for a in evaluate(shifted, make_reference(), AlertConfig()))
+
+
+def test_a_burst_of_few_users_is_not_a_baseline() -> None:
+    # each user scores at their own level; the first 600 requests come from 10 users (a
+    # replay's or a morning's start), the next 1,400 from 300 others of the same kind
+    imps, _ = make_log(2_000)
+    rng = np.random.default_rng(5)
+    req = imps["request_id"].str.slice(1).cast(pl.Int64).to_numpy()
+    users = np.where(np.arange(2_000) < 600, rng.integers(0, 10, 2_000),
+                     rng.integers(10, 310, 2_000))
+    level = rng.uniform(0.05, 0.95, 310)
+    imps = imps.with_columns(
+        user_id=pl.Series([f"u{users[r]}" for r in req]),
+        score=pl.Series(np.clip(level[users[req]] + rng.normal(0.0, 0.02, req.size), 0, 1)))
+    few = AlertConfig(baseline_users=1)
+    assert by_name(evaluate(imps, None, few))["prediction_psi"].breached
+    # a baseline of 100 users or more, each weighing the same, is the same traffic as later
+    base, _ = split_baseline(imps, AlertConfig())
+    assert base["user_id"].n_unique() == 100 and base["request_id"].n_unique() > 600
+    alert = by_name(evaluate(imps, None, AlertConfig()))["prediction_psi"]
+    assert not alert.breached and alert.value < MODERATE
+    # the live monitor freezes the same baseline
+    monitor = LiveMonitor(window=100_000, config=AlertConfig())
+    rows = imps.to_dicts()
+    for r in range(0, len(rows), 5):
+        monitor.add(rows[r:r + 5])  # type: ignore[arg-type]
+    frozen = monitor.baseline("A")
+    assert frozen is not None and frozen["user_id"].n_unique() == 100
 
 
 def test_a_given_baseline_is_compared_with_the_later_requests() -> None:

@@ -80,6 +80,22 @@ def test_categorical_top_values_and_other() -> None:
     assert OTHER not in refs.values
 
 
+def test_weights_count_as_repeated_values() -> None:
+    # a weight of 2 is the value twice; the edges stay the unweighted values' deciles
+    values = pl.Series([1.0, 2.0, 3.0, None])
+    weighted = NumericDistribution.fit(values, n_bins=3, weights=[2.0, 1.0, 1.0, 2.0])
+    repeated = NumericDistribution.fit(pl.Series([1.0, 1.0, 2.0, 3.0, None, None]), n_bins=3)
+    assert weighted.shares == pytest.approx(repeated.shares)
+    assert weighted.missing == pytest.approx(1 / 3)
+    assert weighted.observed([1.0, 3.0], [3.0, 1.0]) == pytest.approx(
+        weighted.observed([1.0, 1.0, 1.0, 3.0]))
+    cats = CategoricalDistribution.fit(["a", "b", "b"], weights=[4.0, 1.0, 1.0])
+    assert cats.values == ("a", "b") and cats.shares == pytest.approx([2 / 3, 1 / 3])
+    assert cats.psi(["b", "a"], [1.0, 2.0]) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="2 weights for 3 values"):
+        cats.observed(["a", "b", "c"], [1.0, 1.0])
+
+
 def test_empty_inputs() -> None:
     ref = NumericDistribution.fit([1.0, 2.0, 3.0])
     assert ref.observed([]).sum() == 0.0  # no rows: all shares zero, PSI still finite

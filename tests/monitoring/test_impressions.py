@@ -206,3 +206,29 @@ def test_settings_from_the_environment_configure_the_log(tmp_path: Path,
         tmp_path / "log", flush_rows=17, flush_interval_s=0.5)
     monkeypatch.delenv("BSTREC_IMPRESSION_LOG")
     assert Settings(bundle=tmp_path / "bundle").impression_log_config() is None
+
+
+def test_rows_past_max_queued_rows_are_dropped_and_counted(tmp_path: Path) -> None:
+    log = ImpressionLog(ImpressionLogConfig(tmp_path, max_queued_rows=3))
+    gate = threading.Event()
+    real = log._write_pending
+
+    def slow_writer() -> None:  # the writer is stuck behind a slow disk until the gate opens
+        gate.wait(10.0)
+        real()
+
+    log._write_pending = slow_writer  # type: ignore[method-assign]
+    log.log_impressions([impression("first", 0)])
+    flushing = threading.Thread(target=log.flush)  # the writer takes it, then blocks writing
+    flushing.start()
+    time.sleep(0.3)
+    log.log_impressions([impression("queued", p) for p in range(3)])
+    log.log_impressions([impression("dropped", p) for p in range(2)])
+    assert log.rows_dropped == 2
+    gate.set()
+    flushing.join()
+    log.close()
+    assert sorted(set(read_log(tmp_path)["request_id"].to_list())) == ["first", "queued"]
+    assert log.rows_written["impressions"] == 4
+    with pytest.raises(ValueError, match="max_queued_rows"):
+        ImpressionLogConfig(tmp_path, max_queued_rows=0)

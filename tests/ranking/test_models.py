@@ -171,7 +171,8 @@ def test_bst_defaults_follow_the_paper() -> None:
 
 
 def test_registry_rejects_unknown_names_and_keys() -> None:
-    assert set(RANKERS) == set(NAMES)
+    # the single-label rankers, and ESMM (multi-task: tests/ranking/test_multitask.py)
+    assert set(RANKERS) == {*NAMES, "esmm"} and RANKERS["esmm"].labels == ("click", "buy")
     spec = make_spec()
     with pytest.raises(ConfigError, match="unknown ranker"):
         build_ranker("bts", spec)

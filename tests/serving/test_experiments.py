@@ -57,7 +57,7 @@ def test_ab_split_serves_each_user_one_arm_and_labels_it(artifacts: Artifacts,
 def test_no_second_bundle_means_one_default_arm(artifacts: Artifacts, tmp_path: Path) -> None:
     with running(settings_for(artifacts, tmp_path)) as (_, client):
         body = client.get("/recommend", params={"user_id": 3, "k": 3, "now": NOW}).json()
-    assert (body["arm"], body["policy"]) == ("default", "greedy")
+    assert (body["arm"], body["policy"], body["objective"]) == ("default", "greedy", "engagement")
     assert all(i["propensity"] is None for i in body["items"])
 
 
@@ -167,3 +167,25 @@ def test_a_slow_shadow_is_dropped_not_queued(artifacts: Artifacts, tmp_path: Pat
     shadowed = set(log.filter(~log["shown"])["request_id"])
     assert dropped >= 1 and shadowed < set(ids)
     assert len(shadowed) + dropped == len(ids)  # each request either scored or dropped
+    # the impression log's own counts (what is written depends on when the writer ran)
+    assert 'bstrec_impression_log_rows{outcome="dropped"} 0.0' in metrics
+    assert 'bstrec_impression_log_rows{outcome="written_impressions"}' in metrics
+
+
+def test_reload_swaps_the_arm_it_names(artifacts: Artifacts, tmp_path: Path) -> None:
+    main = copy_bundle(artifacts.bundle, tmp_path / "a", "A")
+    candidate = copy_bundle(artifacts.bundle, tmp_path / "b2", "B2")
+    settings = settings_for(artifacts, tmp_path, bundle=main, bundle_b=artifacts.bundle_b,
+                            share_b=0.5)
+    admin = {"X-API-Key": "k"}
+    with running(settings) as (_, client):
+        r = client.post("/admin/reload", json={"bundle": str(candidate), "target": "B"},
+                        headers=admin)
+        assert r.status_code == 200, r.text
+        assert (r.json()["model_version"], r.json()["previous_version"]) == ("B2", "B")
+        versions = {client.get("/recommend", params={"user_id": u, "k": 3, "now": NOW}).json()[
+            "model_version"] for u in users(artifacts)}
+        assert versions == {"A", "B2"}  # arm A untouched
+        # no shadow bundle is served: nothing to swap, and nothing changed
+        r = client.post("/admin/reload", json={"target": "shadow"}, headers=admin)
+        assert r.status_code == 422 and "BSTREC_SHADOW_BUNDLE" in r.text

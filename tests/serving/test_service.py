@@ -325,3 +325,24 @@ def test_loaded_pipeline_is_kept_out_of_full_collections(artifacts: Artifacts,
         assert gone() is None
     finally:
         svc.close()
+
+
+def test_seed_until_a_time_keeps_only_the_earlier_events(artifacts: Artifacts,
+                                                         tmp_path: Path) -> None:
+    from bstrec.data.schema import Dataset
+
+    events = Dataset.load(Path(artifacts.samples) / "dataset").events
+    cut = int(events["timestamp"].median())  # type: ignore[arg-type]
+    svc = Service(settings_for(artifacts, tmp_path, seed_until=cut))
+    try:
+        svc.seed()
+        users = events["user_id"].unique().to_list()
+        stored = [b.timestamp for u in users for b in svc.store.behaviours(u)]
+        assert stored and max(stored) < cut
+        # every user's history up to the cut, as far as max_events keeps it
+        before = events.filter(events["timestamp"] < cut)
+        user = before["user_id"][0]
+        kept = svc.store.behaviours(user)
+        assert kept[-1].timestamp == before.filter(before["user_id"] == user)["timestamp"].max()
+    finally:
+        svc.close()

@@ -17,6 +17,9 @@ from bstrec.data.tabular import ColumnMapping
 # outcomes as 0/1 values, so a positive is value >= 1 rather than MovieLens' rating >= 4.
 SAMPLE_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic-order": {"label_threshold": 1.0},
+    # the views are the impressions a click-and-conversion ranker (ESMM) learns from: every
+    # view is a click, and a later buy of its item its conversion
+    "synthetic-taobao": {"positive_actions": ["pv"]},
 }
 
 

@@ -1,8 +1,9 @@
 """The dataset registry the CLI uses: one name -> one loader.
 
 File-backed datasets live in ``<data_dir>/<name>/`` (ml-1m, ml-100k, taobao, amazon); ``csv``
-and ``parquet`` read ``input_path`` through a :class:`ColumnMapping`; ``synthetic-order`` (P4)
-and ``synthetic-implicit`` (P5, a large long-tailed catalogue) are generated. ``data_dir``
+and ``parquet`` read ``input_path`` through a :class:`ColumnMapping`; ``synthetic-order`` (P4),
+``synthetic-implicit`` (P5, a large long-tailed catalogue) and ``synthetic-taobao`` (P5 in
+Taobao's format: pv/cart/fav/buy, item prices) are generated. ``data_dir``
 defaults to the environment variable ``BSTREC_DATA_DIR``.
 """
 
@@ -19,8 +20,8 @@ from bstrec.data.tabular import ColumnMapping, Format, load_table
 from bstrec.data.taobao import find_taobao, load_taobao
 
 DATASETS = ("ml-1m", "ml-100k", "taobao", "amazon", "synthetic-order", "synthetic-implicit",
-            "csv", "parquet")
-GENERATED = ("synthetic-order", "synthetic-implicit")
+            "synthetic-taobao", "csv", "parquet")
+GENERATED = ("synthetic-order", "synthetic-implicit", "synthetic-taobao")
 FOLDER_DATASETS = ("ml-1m", "ml-100k", "taobao", "amazon")
 ENV_DATA_DIR = "BSTREC_DATA_DIR"
 # Keyword options each loader accepts beyond strict (anything else is a typo, and an error).
@@ -93,8 +94,8 @@ def load_dataset(
 
     ``options`` go to the loader (taobao: ``max_rows``; csv/parquet: ``separator``,
     ``has_header``, ``feedback``, ``timestamp_format``; synthetic-order: the fields of
-    ``SyntheticConfig``; synthetic-implicit: those of ``ImplicitConfig``). Unknown options are
-    errors.
+    ``SyntheticConfig``; synthetic-implicit: those of ``ImplicitConfig``; synthetic-taobao:
+    those of ``TaobaoConfig``). Unknown options are errors.
     """
     _check_name(name)
     if name == "synthetic-order":
@@ -108,6 +109,12 @@ def load_dataset(
 
         return synthetic.generate_implicit(
             from_dict(synthetic.ImplicitConfig, options, where="synthetic-implicit"))
+    if name == "synthetic-taobao":
+        from bstrec.config import from_dict
+        from bstrec.data import synthetic
+
+        return synthetic.generate_taobao(
+            from_dict(synthetic.TaobaoConfig, options, where="synthetic-taobao"))
     unknown = sorted(set(options) - set(_OPTIONS[name]))
     if unknown:
         allowed = ", ".join(_OPTIONS[name]) or "none"

@@ -44,7 +44,7 @@ SPLITS = ("train", "valid", "test")
 # Generated logs name their own protocol; synthetic-implicit takes P5's sample defaults (max_len
 # 20, one uniform negative per positive), as taobao-ctr does.
 PROTOCOLS = {"ml-1m": "ml1m-ctr", "ml-100k": "ml100k-ctr", "synthetic-order": "synthetic-order",
-             "synthetic-implicit": "synthetic-implicit"}
+             "synthetic-implicit": "synthetic-implicit", "synthetic-taobao": "synthetic-taobao"}
 SECONDS_PER_DAY = 86_400
 EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday = 0
 
@@ -618,6 +618,42 @@ def check_not_empty(n_samples: int, name: str, cfg: SampleConfig, implicit: bool
         raise ValueError(f"dataset {name!r}: no samples (no event"
                          + (f" of positive_actions {list(cfg.positive_actions)})"
                             if implicit and cfg.positive_actions is not None else ")"))
+
+
+def with_conversion_labels(frame: pl.DataFrame, events: pl.DataFrame, *,
+                           conversion_actions: tuple[str, ...] = ("buy",),
+                           window_s: int | None = 86_400) -> pl.DataFrame:
+    """Sample rows of an implicit log (P5) with two labels beside ``label``: ``click`` (=
+    ``label``: the user touched the item) and ``buy`` (the click converted: the same user has
+    a ``conversion_actions`` event on the same item at or after the sample's time, at most
+    ``window_s`` seconds later; None = any time later), both Float32, rows in place.
+
+    The P5 rules are untouched: features still come from before the sample's time; only the
+    conversion label looks ahead, as any label does (ESMM's click -> buy; with
+    ``positive_actions=("pv",)`` the samples are the views). A negative never converts: no
+    click, no conversion, whatever the user did later. ``events``: the raw log
+    (``user_id``, ``item_id``, ``timestamp``, ``action``).
+    """
+    if window_s is not None and window_s < 0:
+        raise ValueError(f"window_s must be >= 0 or None, got {window_s}")
+    missing = [c for c in ("user_id", "item_id", "timestamp", "label") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"conversion labels need sample columns {missing}")
+    buys = (events.filter(pl.col("action").is_in(list(conversion_actions)))
+            .select("user_id", "item_id", pl.col("timestamp").alias("_buy_ts"))
+            .unique().sort("_buy_ts"))
+    rows = frame.select("user_id", "item_id", "timestamp").with_row_index("_row")
+    # the first conversion at or after each sample's time, per (user, item); both sides are
+    # sorted on time, which polars cannot check within the ``by`` groups
+    nxt = (rows.sort("timestamp")
+           .join_asof(buys, left_on="timestamp", right_on="_buy_ts", by=["user_id", "item_id"],
+                      strategy="forward", check_sortedness=False)
+           .sort("_row"))
+    gap = nxt["_buy_ts"] - nxt["timestamp"]
+    within = gap.is_not_null() & (gap <= window_s if window_s is not None else True)
+    click = frame["label"].cast(pl.Float32)
+    buy = ((click > 0) & within.fill_null(False)).cast(pl.Float32)
+    return frame.with_columns(click.alias("click"), buy.alias("buy"))
 
 
 class FeatureColumns(Protocol):

@@ -82,9 +82,11 @@ import numpy.typing as npt
 import polars as pl
 
 from bstrec.data.schema import Dataset
+from bstrec.data.taobao import PRICE_FILE
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 
 NAME = "synthetic-order"
 PAD = 0  # item ids start at 1, so 0 marks an empty history slot in oracle inputs
@@ -717,6 +719,27 @@ def generate_implicit(config: ImplicitConfig = ImplicitConfig()) -> Dataset:
     )
 
 
+def _next_categories(world: ImplicitWorld, k: int, recent: IntArray, cat_cdf: FloatArray,
+                     weights: FloatArray, rng: np.random.Generator) -> tuple[IntArray, BoolArray]:
+    """The categories of the ``k``-th events of the users whose ring buffers of recent
+    categories are ``recent`` (m, recent_window), and which of them repeat the last event."""
+    c = world.config
+    m = recent.shape[0]
+    popular = np.minimum(np.searchsorted(cat_cdf, rng.random(m) * cat_cdf[-1]),
+                         c.n_categories - 1)
+    if k == 0:
+        return popular, np.zeros(m, dtype=bool)
+    last_cat = recent[:, (k - 1) % c.recent_window]
+    src = rng.choice(4, size=m, p=weights)
+    succ = world.successor[last_cat, rng.integers(0, c.successors, m)]
+    back = rng.integers(0, min(k, c.recent_window), m)
+    old = recent[np.arange(m), (k - 1 - back) % c.recent_window]
+    cat = np.select([src == CAT_SUCCESSOR, src == CAT_SAME, src == CAT_RECENT],
+                    [succ, last_cat, old], popular)
+    repeat: BoolArray = np.less(rng.random(m), c.repeat_prob)
+    return np.where(repeat, last_cat, cat), repeat
+
+
 def _implicit_events(world: ImplicitWorld, rng: np.random.Generator, n_users: int,
                      first_user: int = 1) -> pl.DataFrame:
     """The events of ``n_users`` users (ids from ``first_user``) of ``generate_implicit``."""
@@ -735,21 +758,7 @@ def _implicit_events(world: ImplicitWorld, rng: np.random.Generator, n_users: in
     for k in range(hi):
         users = np.flatnonzero(n_ev > k)
         m = users.shape[0]
-        popular = np.minimum(np.searchsorted(cat_cdf, rng.random(m) * cat_cdf[-1]),
-                             c.n_categories - 1)
-        repeat = np.zeros(m, dtype=bool)
-        if k == 0:
-            cat = popular
-        else:
-            last_cat = recent[users, (k - 1) % c.recent_window]
-            src = rng.choice(4, size=m, p=w)
-            succ = world.successor[last_cat, rng.integers(0, c.successors, m)]
-            back = rng.integers(0, min(k, c.recent_window), m)
-            old = recent[users, (k - 1 - back) % c.recent_window]
-            cat = np.select([src == CAT_SUCCESSOR, src == CAT_SAME, src == CAT_RECENT],
-                            [succ, last_cat, old], popular)
-            repeat = rng.random(m) < c.repeat_prob
-            cat = np.where(repeat, last_cat, cat)
+        cat, repeat = _next_categories(world, k, recent[users], cat_cdf, w, rng)
         item = _sample_within(cat, world.item_popularity, world.item_category, rng)
         if k > 0:
             item = np.where(repeat, items[users, k - 1], item)
@@ -817,3 +826,251 @@ def write_implicit_log(config: ImplicitConfig, path: str | Path,
         if writer is not None:
             writer.close()
     return total
+
+
+# --- Taobao-format mode (P5 ``synthetic-taobao``: pv, cart, fav, buy with item prices) ------------
+
+TAOBAO_NAME = "synthetic-taobao"
+
+
+@dataclass(frozen=True)
+class TaobaoConfig:
+    """Every knob of the Taobao-format generator (see ``generate_taobao``).
+
+    Clicks follow ``generate_implicit``'s category chain (its knobs below); each view may then
+    be followed by a fav, a cart and a buy of the same item. A buy's probability reads the
+    view's P5 history (the user's last ``history_length`` events, any action) and the price:
+    ``sigmoid(base_buy_logit + quality - price_weight * ln(price / price_median)
+    + revisit_weight * [item in the history] + sequel_weight * [item's category follows the
+    last event's category])`` (``taobao_buy_probabilities``). Prices do not move clicks, so
+    engagement and revenue rank differently.
+    """
+
+    seed: int = 0
+    n_users: int = 1000
+    views_per_user: tuple[int, int] = (30, 90)  # inclusive range, uniform per user
+    n_items: int = 5000
+    n_categories: int = 100
+    category_zipf: float = 0.9
+    item_zipf: float = 0.8
+    successors: int = 3
+    category_source_weights: tuple[float, float, float, float] = (0.5, 0.2, 0.1, 0.2)
+    recent_window: int = 5
+    repeat_prob: float = 0.15  # the next view is the last event's item again
+    # Prices: log-normal per category (its level), times a log-normal spread within it.
+    price_median: float = 30.0
+    category_price_sigma: float = 0.8
+    item_price_sigma: float = 0.5
+    # Purchase of a view (logit terms, see the class docstring).
+    history_length: int = 20
+    base_buy_logit: float = -3.5
+    quality_sigma: float = 0.5  # per-item logit offset: learnable from the item id
+    price_weight: float = 0.8
+    revisit_weight: float = 1.5
+    sequel_weight: float = 1.5
+    # Carts and favourites of a view: more likely when it is bought (they come before the buy).
+    cart_prob: float = 0.03
+    cart_prob_bought: float = 0.6
+    fav_prob: float = 0.03
+    fav_prob_bought: float = 0.2
+    # Time, as ``ImplicitConfig``.
+    mean_session_length: float = 6.0
+    start_timestamp: int = 1511539200  # 2017-11-25T00:00:00Z, the Taobao log's first day
+    period_days: float = 30.0
+    start_spread_days: float = 5.0
+    within_gap_median_s: float = 60.0
+    within_gap_sigma: float = 0.9
+    session_gap_sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.views_per_user
+        probs = (self.cart_prob, self.cart_prob_bought, self.fav_prob, self.fav_prob_bought)
+        checks = {
+            "1 <= views_per_user[0] <= views_per_user[1]": 1 <= lo <= hi,
+            "price_median > 0": self.price_median > 0,
+            "category_price_sigma >= 0 and item_price_sigma >= 0":
+                self.category_price_sigma >= 0 and self.item_price_sigma >= 0,
+            "history_length >= 1": self.history_length >= 1,
+            "quality_sigma >= 0": self.quality_sigma >= 0,
+            "cart and fav probabilities in [0, 1]": all(0.0 <= p <= 1.0 for p in probs),
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"TaobaoConfig: invalid values, need {failed}")
+        self.implicit()  # the catalogue, chain and time knobs are checked there
+
+    def implicit(self) -> ImplicitConfig:
+        """The ``ImplicitConfig`` of the catalogue, the category chain and the time."""
+        return ImplicitConfig(
+            seed=self.seed, n_users=self.n_users, events_per_user=self.views_per_user,
+            n_items=self.n_items, n_categories=self.n_categories,
+            category_zipf=self.category_zipf, item_zipf=self.item_zipf,
+            successors=self.successors, category_source_weights=self.category_source_weights,
+            recent_window=self.recent_window, repeat_prob=self.repeat_prob,
+            mean_session_length=self.mean_session_length, start_timestamp=self.start_timestamp,
+            period_days=self.period_days, start_spread_days=self.start_spread_days,
+            within_gap_median_s=self.within_gap_median_s,
+            within_gap_sigma=self.within_gap_sigma, session_gap_sigma=self.session_gap_sigma)
+
+
+@dataclass(frozen=True)
+class TaobaoWorld:
+    """The hidden structure of one seed of the Taobao-format generator (arrays by item_id - 1)."""
+
+    config: TaobaoConfig
+    chain: ImplicitWorld  # catalogue, popularity and category successors
+    price: FloatArray  # (I,) in currency units, rounded to cents
+    quality: FloatArray  # (I,) purchase logit offset
+
+    @property
+    def n_items(self) -> int:
+        return self.chain.n_items
+
+
+def build_taobao_world(config: TaobaoConfig = TaobaoConfig()) -> TaobaoWorld:
+    """The catalogue, category chain, prices and item qualities for ``config.seed``."""
+    c = config
+    chain = build_implicit_world(c.implicit())
+    rng = np.random.default_rng([c.seed, 0, 3])
+    level = c.category_price_sigma * rng.standard_normal(c.n_categories)
+    log_price = (np.log(c.price_median) + level[chain.item_category]
+                 + c.item_price_sigma * rng.standard_normal(c.n_items))
+    price = np.maximum(np.round(np.exp(log_price), 2), 0.01)
+    quality = c.quality_sigma * rng.standard_normal(c.n_items)
+    return TaobaoWorld(config=c, chain=chain, price=price, quality=quality)
+
+
+def taobao_buy_probabilities(world: TaobaoWorld, history: npt.ArrayLike,
+                             targets: npt.ArrayLike) -> FloatArray:
+    """P(a view of ``targets`` is bought | its history), the generator's rule.
+
+    history: (N, L) item ids of the view's P5 history (every action), oldest first, ``PAD`` on
+    the left (``history_matrix``); only the last ``history_length`` columns are read.
+    targets: (N,) item ids. Returns (N,). The sequel term reads the ORDER: the same items with
+    another event last give another probability.
+    """
+    c = world.config
+    hist, tgt = _oracle_inputs(history, targets, world.n_items)
+    hist = hist[:, -c.history_length:] if hist.shape[1] else hist
+    t = tgt - 1
+    logit = (c.base_buy_logit + world.quality[t]
+             - c.price_weight * np.log(world.price[t] / c.price_median))
+    if hist.shape[1]:
+        revisit = (hist == tgt[:, None]).any(axis=1)
+        last = hist[:, -1]
+        last_cat = world.chain.item_category[np.maximum(last, 1) - 1]
+        t_cat = world.chain.item_category[t]
+        sequel = (last != PAD) & (world.chain.successor[last_cat] == t_cat[:, None]).any(axis=1)
+        logit = logit + c.revisit_weight * revisit + c.sequel_weight * sequel
+    out: FloatArray = 1.0 / (1.0 + np.exp(-logit))
+    return out
+
+
+def generate_taobao(config: TaobaoConfig = TaobaoConfig()) -> Dataset:
+    """A seeded log in the Taobao UserBehavior format: actions pv, fav, cart, buy; items with
+    a ``category`` and a ``price``.
+
+    Views (pv) follow ``generate_implicit``'s rule (a category from the user's last events in
+    order, then an item by popularity; ``repeat_prob`` repeats the last item). Each view is
+    bought with ``taobao_buy_probabilities`` on its P5 history, and followed, within the
+    session, by a fav and a cart (likelier when bought) and the buy, in that order. Every
+    event is a P5 positive; the conversion of a view is a later buy of its item
+    (``bstrec.data.samples.with_conversion_labels``). ``write_taobao_log`` writes it as
+    UserBehavior.csv for ``bstrec.data.taobao.load_taobao``.
+    """
+    c = config
+    world = build_taobao_world(c)
+    events = _taobao_events(world, np.random.default_rng([c.seed, 1, 3]))
+    items_table = pl.DataFrame({
+        "item_id": np.arange(1, world.n_items + 1, dtype=np.int64),
+        "category": [str(k + 1) for k in world.chain.item_category.tolist()],
+        "price": world.price,
+    }, schema={"item_id": pl.Int64, "category": pl.String, "price": pl.Float64})
+    users_table = pl.DataFrame({"user_id": np.arange(1, c.n_users + 1, dtype=np.int64)},
+                               schema={"user_id": pl.Int64})
+    return Dataset(
+        name=TAOBAO_NAME, events=events, items=items_table, users=users_table,
+        feedback="implicit",
+        meta={"protocol": "P5", "generator": "bstrec.data.synthetic.generate_taobao",
+              "config": dataclasses.asdict(c)},
+    )
+
+
+def _taobao_events(world: TaobaoWorld, rng: np.random.Generator) -> pl.DataFrame:
+    """The events of ``generate_taobao``: views stepped through all users at once, each
+    followed by its fav, cart and buy, the history kept as it grows."""
+    c, w = world.config, world.chain
+    n_users = c.n_users
+    lo, hi = c.views_per_user
+    n_views = rng.integers(lo, hi + 1, n_users)
+    weights = w.category_weights()
+    cat_cdf = np.cumsum(w.category_popularity)
+    H = c.history_length
+    hist = np.zeros((n_users, H), dtype=np.int64)  # item ids, most recent last, PAD on the left
+    recent = np.zeros((n_users, c.recent_window), dtype=np.int64)  # categories of the views
+    # per (user, view): item id and the flags of what follows it
+    items = np.zeros((n_users, hi), dtype=np.int64)
+    acts = np.zeros((n_users, hi, len(ACTIONS)), dtype=bool)  # pv, cart, fav, buy
+
+    def push(users: IntArray, item: IntArray) -> None:
+        hist[users, :-1] = hist[users, 1:]
+        hist[users, -1] = item
+
+    for k in range(hi):
+        users = np.flatnonzero(n_views > k)
+        m = users.shape[0]
+        cat, repeat = _next_categories(w, k, recent[users], cat_cdf, weights, rng)
+        item = _sample_within(cat, w.item_popularity, w.item_category, rng) + 1
+        if k > 0:
+            item = np.where(repeat, items[users, k - 1], item)
+        bought = rng.random(m) < taobao_buy_probabilities(world, hist[users], item)
+        fav = rng.random(m) < np.where(bought, c.fav_prob_bought, c.fav_prob)
+        cart = rng.random(m) < np.where(bought, c.cart_prob_bought, c.cart_prob)
+        items[users, k] = item
+        acts[users, k] = np.stack([np.ones(m, dtype=bool), cart, fav, bought], axis=1)
+        recent[users, k % c.recent_window] = cat
+        # the events as they will be ordered: pv, fav, cart, buy
+        push(users, item)
+        for flag in (fav, cart, bought):
+            push(users[flag], item[flag])
+
+    # Expand views into events: (user, view, action) in the order pv, fav, cart, buy.
+    order = [ACTIONS.index(a) for a in ("pv", "fav", "cart", "buy")]
+    filled = np.arange(hi)[None, :, None] < n_views[:, None, None]
+    present = acts[:, :, order] & filled  # (U, hi, 4), row-major = user, view, action order
+    u_idx, v_idx, a_idx = np.nonzero(present)
+    action = np.asarray(order)[a_idx]
+    item_id = items[u_idx, v_idx]
+    n_ev = np.bincount(u_idx, minlength=n_users).astype(np.int64)
+    # a session starts only at a view; a view's fav, cart and buy follow it seconds later
+    is_start = (rng.random(u_idx.shape[0]) < 1.0 / c.mean_session_length) & (action == 0)
+    user_first = np.cumsum(n_ev) - n_ev
+    is_start[user_first[n_ev > 0]] = True
+    tau = _activity_seconds(c.implicit(), rng, is_start, u_idx.astype(np.int64), n_ev)
+    ts = _strictly_increasing(c.start_timestamp + np.floor(tau).astype(np.int64),
+                              u_idx.astype(np.int64))
+    return pl.DataFrame({
+        "user_id": u_idx.astype(np.int64) + 1,
+        "item_id": item_id,
+        "timestamp": ts,
+        "action": np.asarray(ACTIONS)[action],
+        "value": None,
+        "event_id": None,
+    }, schema={"user_id": pl.Int64, "item_id": pl.Int64, "timestamp": pl.Int64,
+               "action": pl.String, "value": pl.Float64, "event_id": pl.String})
+
+
+def write_taobao_log(config: TaobaoConfig, root: str | Path) -> Path:
+    """Write ``generate_taobao(config)`` in the Taobao UserBehavior format into folder ``root``:
+    ``UserBehavior.csv`` (no header: user_id, item_id, category_id, behavior_type, timestamp)
+    and ``item_prices.csv`` (``item_id,price``), which ``load_taobao`` reads. Returns ``root``."""
+    ds = generate_taobao(config)
+    out = Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    (ds.events.join(ds.items.select("item_id", pl.col("category").cast(pl.Int64)
+                                    .alias("category_id")), on="item_id", how="left",
+                    maintain_order="left")
+     .select("user_id", "item_id", "category_id", "action", "timestamp")
+     .write_csv(out / "UserBehavior.csv", include_header=False))
+    ds.items.select("item_id", "price").write_csv(out / PRICE_FILE)
+    return out

@@ -3,6 +3,10 @@
 ``UserBehavior.csv[.gz]``: no header, ``user_id,item_id,category_id,behavior_type,timestamp``
 with behavior_type one of pv (page view), buy, cart, fav. The full file has about 100 million
 lines (3.5 GB): pass ``max_rows`` to read only the first lines while exploring.
+
+The Tianchi log carries no prices. Where the folder also holds ``item_prices.csv`` (header
+``item_id,price``; ``bstrec.data.synthetic.write_taobao_log`` writes one), the item table gets
+a ``price`` column (null for items it does not list), read by the revenue objective.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from bstrec.data.schema import Dataset, items_from_events, normalize_events, use
 
 BEHAVIORS = ("pv", "buy", "cart", "fav")
 FILENAMES = ("UserBehavior.csv", "UserBehavior.csv.gz")
+PRICE_FILE = "item_prices.csv"
 
 
 def find_taobao(root: Path) -> Path:
@@ -45,12 +50,20 @@ def load_taobao(root: Path, strict: bool = True, max_rows: int | None = None) ->
     )], strict=strict)
     frame = table.frame.rename({"behavior_type": "action"})
     events = normalize_events(frame)
+    items = items_from_events(frame, "category_id")
     meta: dict[str, object] = {"events_file": path.name}
+    prices = Path(root) / PRICE_FILE
+    if prices.is_file():
+        price = pl.read_csv(prices, schema={"item_id": pl.Int64, "price": pl.Float64})
+        if price["item_id"].is_duplicated().any():
+            raise ValueError(f"{prices}: an item_id is listed more than once")
+        items = items.join(price, on="item_id", how="left", maintain_order="left")
+        meta["prices_file"] = PRICE_FILE
     if max_rows is not None:
         meta["max_rows"] = max_rows
     record_skips(meta, (table,), strict=strict)
     return Dataset(
         name="taobao", events=events,
-        items=items_from_events(frame, "category_id"),
+        items=items,
         users=users_from_events(events),
         feedback="implicit", meta=meta)

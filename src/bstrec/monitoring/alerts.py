@@ -18,10 +18,11 @@ The outputs (shown scores and categories) are compared with a baseline of served
 with the training reference: the training data has no shown lists, only random targets with all
 their scores, while what is shown is the top k the policy picked (high scores, the categories it
 favours), a different population by construction. The baseline is the shown rows of the first
-``baseline_requests`` requests a model version served (``evaluate`` takes them from the rows
-given unless told them), and the rows of the later requests are compared with it; so the alert
-says "the outputs moved since this version started serving", absent until ``baseline_requests``
-plus ``min_requests`` requests were served.
+requests a model version served, until they number ``baseline_requests`` and span
+``baseline_users`` users (``evaluate`` takes them from the rows given unless told them), and the
+rows of the later requests are compared with it; so the alert says "the outputs moved since this
+version started serving", absent until the baseline is complete and ``min_requests`` more
+requests were served.
 
 An alert that cannot be computed (fewer than ``min_requests`` requests behind it, no reference,
 no clicks) is absent rather than reported healthy or breached. Everything is a few vectorised
@@ -63,15 +64,22 @@ class AlertConfig:
     bundle_age_s: float = 30 * DAY_S
     ece: float = 0.1
     ece_bins: int = 10
-    # the output alerts' baseline: the first this many requests of a model version; enough that
-    # the baseline's own sampling noise stays well below the PSI thresholds
+    # the output alerts' baseline: the first requests of a model version until they number
+    # this many, enough that the baseline's own sampling noise stays well below the PSI
+    # thresholds...
     baseline_requests: int = 500
+    # ...and span this many distinct users: traffic (a replay's first minutes, a morning) can
+    # start with a few users making many requests each, whose own score levels would otherwise
+    # be the baseline, and every later user's would read as drift
+    baseline_users: int = 100
 
     def __post_init__(self) -> None:
         if self.min_requests < 1:
             raise ValueError(f"min_requests must be >= 1, got {self.min_requests}")
         if self.baseline_requests < 1:
             raise ValueError(f"baseline_requests must be >= 1, got {self.baseline_requests}")
+        if self.baseline_users < 1:
+            raise ValueError(f"baseline_users must be >= 1, got {self.baseline_users}")
         if self.ece_bins < 1:
             raise ValueError(f"ece_bins must be >= 1, got {self.ece_bins}")
         for name in ("prediction_psi", "feature_psi", "degraded_share", "empty_source_share",
@@ -135,33 +143,53 @@ def evaluate(impressions: pl.DataFrame, reference: Reference | None, config: Ale
     return alerts
 
 
-def split_baseline(shown: pl.DataFrame, n_requests: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The shown rows of the first ``n_requests`` requests of ``shown`` by request time (the
-    baseline), and those of the later ones."""
-    first = (shown.group_by("request_id").agg(pl.col("ts").min())
-             .sort("ts", "request_id").head(n_requests)["request_id"])
+def split_baseline(shown: pl.DataFrame, config: AlertConfig
+                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The shown rows of the first requests of ``shown`` by request time until they number
+    ``config.baseline_requests`` and span ``config.baseline_users`` users (the baseline), and
+    those of the later ones. ``baseline_complete`` says whether the first part is one."""
+    requests = (shown.group_by("request_id").agg(pl.col("ts").min(), pl.col("user_id").first())
+                .sort("ts", "request_id"))
+    users = requests["user_id"].is_first_distinct().cum_sum().to_numpy()
+    # the request that brings the baseline_users-th user (all of them when none does)
+    enough_users = int(np.searchsorted(users, config.baseline_users)) + 1
+    first = requests["request_id"].head(max(config.baseline_requests, enough_users))
     mine = pl.col("request_id").is_in(first.implode())
     return shown.filter(mine), shown.filter(~mine)
 
 
+def baseline_complete(baseline: pl.DataFrame, config: AlertConfig) -> bool:
+    """Whether ``baseline``'s rows hold ``baseline_requests`` requests of ``baseline_users``
+    users."""
+    return (baseline["request_id"].n_unique() >= config.baseline_requests
+            and baseline["user_id"].n_unique() >= config.baseline_users)
+
+
 def output_drift(baseline: pl.DataFrame, current: pl.DataFrame) -> dict[str, float]:
     """PSI of the ``current`` shown rows' scores (``predictions``) and categories
-    (``category``) against the ``baseline`` rows'."""
-    return {"predictions": NumericDistribution.fit(baseline["score"]).psi(current["score"]),
-            "category": CategoricalDistribution.fit(baseline["category"])
-            .psi(current["category"])}
+    (``category``) against the ``baseline`` rows', each user weighing the same on each side
+    (their rows share a weight of 1): a user making many requests has their own score level,
+    and how many requests each user makes is traffic, not drift."""
+    wb, wc = _per_user(baseline), _per_user(current)
+    return {"predictions": NumericDistribution.fit(baseline["score"], weights=wb)
+            .psi(current["score"], wc),
+            "category": CategoricalDistribution.fit(baseline["category"], weights=wb)
+            .psi(current["category"], wc)}
+
+
+def _per_user(rows: pl.DataFrame) -> np.ndarray:
+    return rows.select(1.0 / pl.len().over("user_id")).to_series().to_numpy()
 
 
 def _output_alerts(shown: pl.DataFrame, baseline: pl.DataFrame | None, config: AlertConfig
                    ) -> list[Alert]:
     if baseline is None:
-        base, current = split_baseline(shown, config.baseline_requests)
+        base, current = split_baseline(shown, config)
     else:
         base = baseline.filter(pl.col("shown"))
         current = shown.filter(~pl.col("request_id").is_in(base["request_id"].unique()
                                                             .implode()))
-    if base["request_id"].n_unique() < config.baseline_requests \
-            or current["request_id"].n_unique() < config.min_requests:
+    if not baseline_complete(base, config) or current["request_id"].n_unique() < config.min_requests:
         return []
     psi = output_drift(base, current)
     return [_alert("prediction_psi", psi["predictions"], config.prediction_psi,

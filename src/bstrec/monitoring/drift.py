@@ -82,29 +82,35 @@ class NumericDistribution:
             raise ValueError("edges must be strictly increasing")
 
     @classmethod
-    def fit(cls, values: pl.Series | npt.ArrayLike, n_bins: int = N_BINS) -> NumericDistribution:
-        """The reference distribution of ``values`` (nulls and NaNs are missing values)."""
-        x, n_missing = _numeric(values)
-        if x.size == 0:
-            return cls(edges=(), shares=(0.0,), missing=1.0 if n_missing else 0.0)
-        edges = np.unique(np.quantile(x, np.arange(1, n_bins) / n_bins))
-        counts = np.bincount(np.searchsorted(edges, x, side="left"), minlength=len(edges) + 1)
-        total = x.size + n_missing
-        return cls(edges=tuple(edges.tolist()), shares=tuple((counts / total).tolist()),
-                   missing=n_missing / total)
+    def fit(cls, values: pl.Series | npt.ArrayLike, n_bins: int = N_BINS,
+            weights: npt.ArrayLike | None = None) -> NumericDistribution:
+        """The reference distribution of ``values`` (nulls and NaNs are missing values);
+        ``weights``: each value's (default 1), for the shares, not the edges."""
+        x, ok = _numeric(values)
+        if not ok.any():
+            return cls(edges=(), shares=(0.0,), missing=1.0 if x.size else 0.0)
+        edges = np.unique(np.quantile(x[ok], np.arange(1, n_bins) / n_bins))
+        shares = cls(edges=tuple(edges.tolist()), shares=(0.0,) * (len(edges) + 1)
+                     ).observed(values, weights)
+        return cls(edges=tuple(edges.tolist()), shares=tuple(shares[:-1].tolist()),
+                   missing=float(shares[-1]))
 
-    def observed(self, values: pl.Series | npt.ArrayLike) -> F64:
-        """Shares of ``values`` in this distribution's bins, the missing bin last."""
-        x, n_missing = _numeric(values)
-        bins = np.searchsorted(np.asarray(self.edges, dtype=np.float64), x, side="left")
-        counts = np.bincount(bins, minlength=len(self.shares)).astype(np.float64)
-        return _shares(np.append(counts, n_missing))
+    def observed(self, values: pl.Series | npt.ArrayLike,
+                 weights: npt.ArrayLike | None = None) -> F64:
+        """Shares of ``values`` (weighted by ``weights``, default 1 each) in this
+        distribution's bins, the missing bin last."""
+        x, ok = _numeric(values)
+        w = _weights(weights, x.size)
+        bins = np.searchsorted(np.asarray(self.edges, dtype=np.float64), x[ok], side="left")
+        counts = np.bincount(bins, weights=w[ok], minlength=len(self.shares))
+        return _shares(np.append(counts, w[~ok].sum()))
 
     def expected(self) -> F64:
         return np.array([*self.shares, self.missing], dtype=np.float64)
 
-    def psi(self, values: pl.Series | npt.ArrayLike) -> float:
-        return psi(self.expected(), self.observed(values))
+    def psi(self, values: pl.Series | npt.ArrayLike, weights: npt.ArrayLike | None = None
+            ) -> float:
+        return psi(self.expected(), self.observed(values, weights))
 
 
 @dataclass(frozen=True)
@@ -122,36 +128,41 @@ class CategoricalDistribution:
             raise ValueError(f"{len(self.values)} values but {len(self.shares)} shares")
 
     @classmethod
-    def fit(cls, values: Categories, top: int = TOP_VALUES
-            ) -> CategoricalDistribution:
-        """The reference distribution of ``values`` (compared as strings; nulls are MISSING)."""
+    def fit(cls, values: Categories, top: int = TOP_VALUES,
+            weights: npt.ArrayLike | None = None) -> CategoricalDistribution:
+        """The reference distribution of ``values`` (compared as strings; nulls are MISSING;
+        ``weights``: each value's, default 1)."""
         s = _categorical(values)
         if s.is_empty():
             return cls(values=(), shares=(), other=0.0)
-        counts = s.value_counts(sort=True, name="n")
+        w = pl.Series("n", _weights(weights, len(s)))
+        counts = pl.DataFrame([s, w]).group_by(s.name).agg(pl.col("n").sum())
         # ties broken by value, so that the same data always keeps the same top values
         counts = counts.sort(["n", s.name], descending=[True, False])
         head = counts.head(top)
-        n = len(s)
+        n = float(w.sum())
         return cls(values=tuple(head[s.name].to_list()),
                    shares=tuple((head["n"] / n).to_list()),
                    other=float(counts["n"][top:].sum()) / n)
 
-    def observed(self, values: Categories) -> F64:
-        """Shares of ``values`` over this distribution's values, ``other`` last."""
+    def observed(self, values: Categories, weights: npt.ArrayLike | None = None) -> F64:
+        """Shares of ``values`` (weighted by ``weights``, default 1 each) over this
+        distribution's values, ``other`` last."""
         s = _categorical(values)
         if s.is_empty():
             return np.zeros(len(self.values) + 1)
         index = pl.Series(range(len(self.values)), dtype=pl.Int64)
         codes = s.replace_strict(pl.Series(self.values, dtype=pl.String), index,
                                  default=len(self.values), return_dtype=pl.Int64).to_numpy()
-        return _shares(np.bincount(codes, minlength=len(self.values) + 1).astype(np.float64))
+        counts = np.bincount(codes, weights=_weights(weights, len(s)),
+                             minlength=len(self.values) + 1)
+        return _shares(counts.astype(np.float64))
 
     def expected(self) -> F64:
         return np.array([*self.shares, self.other], dtype=np.float64)
 
-    def psi(self, values: Categories) -> float:
-        return psi(self.expected(), self.observed(values))
+    def psi(self, values: Categories, weights: npt.ArrayLike | None = None) -> float:
+        return psi(self.expected(), self.observed(values, weights))
 
 
 Distribution = NumericDistribution | CategoricalDistribution
@@ -169,14 +180,22 @@ def distribution_from_dict(data: dict[str, Any], *, where: str = "distribution")
     raise ConfigError(f"{where}: kind must be 'numeric' or 'categorical', got {kind!r}")
 
 
-def _numeric(values: pl.Series | npt.ArrayLike) -> tuple[F64, int]:
-    """Finite values as float64, and how many were missing (null or NaN)."""
+def _numeric(values: pl.Series | npt.ArrayLike) -> tuple[F64, npt.NDArray[np.bool_]]:
+    """The values as float64, and which are present (not null or NaN)."""
     if isinstance(values, pl.Series):
         x = values.cast(pl.Float64).to_numpy()  # nulls become NaN
     else:
         x = np.asarray(values, dtype=np.float64).ravel()
-    ok = np.isfinite(x)
-    return x[ok], int((~ok).sum())
+    return x, np.isfinite(x)
+
+
+def _weights(weights: npt.ArrayLike | None, n: int) -> F64:
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if w.shape != (n,):
+        raise ValueError(f"{w.size} weights for {n} values")
+    return w
 
 
 def _categorical(values: Categories) -> pl.Series:

@@ -22,6 +22,7 @@ Impressions are one row per (request, shown item), so that a click joins on
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -129,9 +130,12 @@ class ImpressionLogConfig:
     max_segment_rows: int = 20_000
     max_segment_bytes: int = 64 * 2**20  # checked after each write: a segment may pass it by a batch
     max_segment_age_s: float = 3_600.0
+    # rows waiting for the writer at most: past it (a disk slower than the traffic) new rows are
+    # dropped and counted rather than growing the service's memory without bound
+    max_queued_rows: int = 200_000
 
     def __post_init__(self) -> None:
-        for name in ("flush_rows", "max_segment_rows", "max_segment_bytes"):
+        for name in ("flush_rows", "max_segment_rows", "max_segment_bytes", "max_queued_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ImpressionLogConfig.{name} must be >= 1, got "
                                  f"{getattr(self, name)}")
@@ -200,6 +204,10 @@ class ImpressionLog:
         self._pending: dict[Kind, list[Mapping[str, object]]] = {k: [] for k in KINDS}
         self.rows_written: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self.rows_lost = 0  # rows whose write failed (logged): the service keeps answering
+        self.rows_dropped = 0  # rows refused while max_queued_rows waited (logged once a minute)
+        self._queued = 0
+        self._queued_lock = threading.Lock()
+        self._last_drop_warning = -math.inf
         self._thread = threading.Thread(target=self._run, name="bstrec-impression-log",
                                         daemon=True)
         self._thread.start()
@@ -214,8 +222,23 @@ class ImpressionLog:
     def _put(self, kind: Kind, rows: Rows) -> None:
         if self._closed:
             raise RuntimeError(f"the impression log {self.config.directory} is closed")
-        if rows:
+        if not rows:
+            return
+        with self._queued_lock:
+            full = self._queued + len(rows) > self.config.max_queued_rows
+            if full:
+                self.rows_dropped += len(rows)
+                now = time.monotonic()
+                warn = now - self._last_drop_warning >= 60.0
+                if warn:
+                    self._last_drop_warning = now
+            else:
+                self._queued += len(rows)
+        if not full:
             self._queue.put((kind, rows))
+        elif warn:
+            log.warning("impression log: %d rows dropped so far: the writer is %d rows behind "
+                        "(max_queued_rows)", self.rows_dropped, self.config.max_queued_rows)
 
     # --- control ---------------------------------------------------------------------------
     def flush(self, timeout_s: float | None = None) -> None:
@@ -262,6 +285,8 @@ class ImpressionLog:
                 continue
             if isinstance(item, tuple):
                 kind, rows = item
+                with self._queued_lock:
+                    self._queued -= len(rows)
                 self._pending[kind].extend(rows)
                 if (len(self._pending[kind]) < self.config.flush_rows
                         and time.monotonic() - last_write < interval):

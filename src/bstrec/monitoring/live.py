@@ -5,9 +5,9 @@ the report's.
 
 The output alerts (prediction_psi, feature_psi:category) compare with a baseline of served
 traffic (the training data has no shown lists: alerts.py says why). The window rolls, so the
-baseline cannot be its oldest rows: each model version's first ``baseline_requests`` requests
-are kept aside, frozen, when it starts serving, and the window's later requests are compared
-with them.
+baseline cannot be its oldest rows: each model version's first requests (``baseline_requests``
+of them, from ``baseline_users`` users at least) are kept aside, frozen, when it starts
+serving, and the window's later requests are compared with them.
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ class _Baseline:
     """The rows of a model version's first requests, growing until it holds enough of them."""
 
     requests: set[str] = field(default_factory=set)
+    users: set[str] = field(default_factory=set)
     rows: list[ImpressionRow] = field(default_factory=list)
     frame: pl.DataFrame | None = None  # built once, when complete
+
+    def complete(self, config: AlertConfig) -> bool:
+        return (len(self.requests) >= config.baseline_requests
+                and len(self.users) >= config.baseline_users)
 
 
 class LiveMonitor:
@@ -62,8 +67,9 @@ class LiveMonitor:
                 request = row["request_id"]
                 if request in base.requests:
                     base.rows.append(row)
-                elif len(base.requests) < self.config.baseline_requests:
+                elif not base.complete(self.config):
                     base.requests.add(request)
+                    base.users.add(row["user_id"])
                     base.rows.append(row)
 
     def frame(self) -> pl.DataFrame:
@@ -72,11 +78,11 @@ class LiveMonitor:
         return pl.DataFrame(rows, schema=SCHEMA)
 
     def baseline(self, version: str) -> pl.DataFrame | None:
-        """The frozen baseline rows of ``version``; None until it served ``baseline_requests``
-        requests."""
+        """The frozen baseline rows of ``version``; None until it is complete
+        (``baseline_requests`` requests of ``baseline_users`` users)."""
         with self._lock:
             base = self._baselines.get(version)
-            if base is None or len(base.requests) < self.config.baseline_requests:
+            if base is None or not base.complete(self.config):
                 return None
             if base.frame is None:
                 base.frame = pl.DataFrame(base.rows, schema=SCHEMA)
@@ -94,8 +100,8 @@ class LiveMonitor:
         out: dict[str, list[Alert]] = {}
         for version, reference in references.items():
             baseline = self.baseline(version)
-            # until the baseline is complete the window holds fewer than baseline_requests
-            # requests of the version, and evaluate's own split finds no baseline either
+            # until the baseline is complete the window holds too few requests or users of the
+            # version, and evaluate's own split finds no complete baseline either
             out[version] = evaluate(frame.filter(pl.col("model_version") == version), reference,
                                     self.config, baseline=baseline)
         return out

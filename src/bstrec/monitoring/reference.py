@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from bstrec.config import ConfigError, from_dict
@@ -217,9 +218,6 @@ def build_reference(samples: SampleSet, model: nn.Module, config: PipelineConfig
     predictions scored on at most ``max_rows`` of its rows, request-level features on at most
     ``max_rows`` of its requests, user features on at most ``max_rows`` of those requests'
     distinct users."""
-    from bstrec.training.loop import predict
-    from bstrec.training.tensors import TensorSplit
-
     if samples.dataset is None:
         raise ValueError("the reference needs the samples' dataset tables")
     base = valid if valid is not None and not valid.is_empty() else samples.splits["train"]
@@ -235,7 +233,7 @@ def build_reference(samples: SampleSet, model: nn.Module, config: PipelineConfig
                           else CategoricalDistribution.fit(v))
     # predictions on rows the ranker did not fit (the plot's training side)
     scored = _sample(base, max_rows, seed)
-    preds = (predict(model, TensorSplit.from_frame(scored, spec)) if len(scored)
+    preds = (_served_scores(model, scored, samples, config) if len(scored)
              else np.zeros(0, dtype=np.float32))
     newest = samples.dataset.events["timestamp"].cast(pl.Float64).max()
     data_end = float(newest) if isinstance(newest, int | float) else math.nan
@@ -245,6 +243,33 @@ def build_reference(samples: SampleSet, model: nn.Module, config: PipelineConfig
         expected_sources=expected_sources(config, has_retriever=has_retriever),
         history_cap=spec.max_len, catalog_size=len(samples.dataset.items),
         feature_rows=len(requests), scored_rows=len(scored), feature_users=len(users))
+
+
+def _served_scores(model: nn.Module, rows: pl.DataFrame, samples: SampleSet,
+                   config: PipelineConfig) -> npt.NDArray[np.float32]:
+    """What the pipeline would serve for ``rows``: a single-label ranker's click probability,
+    or a multi-task one's heads combined by the config's objective (evaluation/objective.py)."""
+    import torch
+
+    from bstrec.evaluation.objective import objective_scores
+    from bstrec.training.loop import predict
+    from bstrec.training.tensors import TensorSplit
+
+    split = TensorSplit.from_frame(rows, samples.spec)
+    probabilities = getattr(model, "probabilities", None)  # ESMM's (ranking/multitask.py)
+    if not callable(probabilities):
+        return predict(model, split)
+    model.eval()
+    with torch.no_grad():
+        heads = [probabilities(b) for b in split.batches(4096)]
+    p_ctr, p_cvr = (torch.cat([h[k] for h in heads]).numpy() for k in ("ctr", "cvr"))
+    price = None
+    if config.objective.needs_price and samples.dataset is not None \
+            and "price" in samples.dataset.items.columns:
+        price = rows.select("item_id").join(samples.dataset.items.select("item_id", "price"),
+                                            on="item_id", how="left",
+                                            maintain_order="left")["price"].to_numpy()
+    return objective_scores(config.objective, p_ctr, p_cvr, price).astype(np.float32)
 
 
 def _sample(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:

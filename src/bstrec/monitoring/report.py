@@ -28,7 +28,14 @@ import numpy.typing as npt
 import polars as pl
 
 from bstrec.evaluation.metrics import calibration_curve, ece
-from bstrec.monitoring.alerts import Alert, AlertConfig, evaluate, output_drift, split_baseline
+from bstrec.monitoring.alerts import (
+    Alert,
+    AlertConfig,
+    baseline_complete,
+    evaluate,
+    output_drift,
+    split_baseline,
+)
 from bstrec.monitoring.drift import MAJOR, MODERATE
 from bstrec.monitoring.impressions import EVENT_SCHEMA, IMPRESSION_SCHEMA, read_log
 from bstrec.monitoring.join import join_clicks
@@ -111,11 +118,12 @@ def _drift_section(shown: pl.DataFrame, references: Mapping[str, Reference],
     for version in sorted(shown["model_version"].unique().to_list()):
         rows = shown.filter(pl.col("model_version") == version)
         reference = references.get(version)
-        baseline, current = split_baseline(rows, config.baseline_requests)
+        baseline, current = split_baseline(rows, config)
         n_base, n_current = baseline["request_id"].n_unique(), current["request_id"].n_unique()
         outputs = None
-        if n_base >= config.baseline_requests and n_current >= config.min_requests:
-            outputs = {"baseline_requests": n_base, "requests": n_current,
+        if baseline_complete(baseline, config) and n_current >= config.min_requests:
+            outputs = {"baseline_requests": n_base,
+                       "baseline_users": baseline["user_id"].n_unique(), "requests": n_current,
                        **output_drift(baseline, current)}
         section: dict[str, Any] = {"reference": reference is not None, "outputs": outputs}
         if reference is not None:
@@ -533,8 +541,10 @@ def _blocks(summary: Mapping[str, Any], plots: Mapping[str, Path]) -> list[_Bloc
     blocks.append(_Text(
         f"PSI: below {_fmt(MODERATE)} stable, up to {_fmt(MAJOR)} moderate, above it major. "
         "Inputs against the bundle's training reference; outputs (shown scores and "
-        f"categories) against the version's first {summary['thresholds']['baseline_requests']}"
-        " requests in the window, as the training data has no shown lists to compare with."))
+        "categories) against the version's first requests in the window (at least "
+        f"{summary['thresholds']['baseline_requests']}, of at least "
+        f"{summary['thresholds']['baseline_users']} users), as the training data has no shown "
+        "lists to compare with."))
     rows = [{"model_version": v, "feature": f, "psi": p}
             for v, d in summary["drift"].items() for f, p in _psi_rows(d).items()]
     missing = [v for v, d in summary["drift"].items() if not d["reference"]]

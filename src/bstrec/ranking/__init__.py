@@ -1,7 +1,9 @@
-"""Rankers: BST and its baselines (DIN, Wide&Deep, WDL(+Seq)), built by name from a config dict.
+"""Rankers: BST and its baselines (DIN, Wide&Deep, WDL(+Seq)), and ESMM (a multi-task BST),
+built by name from a config dict.
 
 Every ranker is a plain ``nn.Module`` with ``forward(batch) -> logits (B,)`` (batch contract in
-training/tensors.py) and a frozen dataclass ``.config``; a checkpoint stores the ranker's name and
+training/tensors.py; a multi-task one (B, H), one column per label of its entry's ``labels``) and a
+frozen dataclass ``.config``; a checkpoint stores the ranker's name and
 ``dataclasses.asdict(model.config)`` and rebuilds it with :func:`build_ranker`.
 """
 
@@ -17,6 +19,7 @@ from bstrec.config import ConfigError, from_dict
 from bstrec.features.spec import FeatureSpec
 from bstrec.ranking.bst import BST, BSTConfig
 from bstrec.ranking.din import DIN, DINConfig
+from bstrec.ranking.multitask import ESMM, ESMMConfig
 from bstrec.ranking.wdl import WDL, WDLConfig
 
 
@@ -25,6 +28,9 @@ class RankerEntry:
     config: type[Any]  # the model's frozen dataclass config
     build: Callable[[FeatureSpec, Any], nn.Module]
     fixed: tuple[tuple[str, Any], ...] = ()  # config values implied by the name
+    # the sample columns it is trained on: ``label``, or ESMM's click and conversion
+    # (data/samples.py with_conversion_labels, derived from the log when the samples lack them)
+    labels: tuple[str, ...] = ("label",)
 
 
 RANKERS: dict[str, RankerEntry] = {
@@ -32,6 +38,7 @@ RANKERS: dict[str, RankerEntry] = {
     "din": RankerEntry(DINConfig, DIN),
     "wdl": RankerEntry(WDLConfig, WDL, (("use_seq", False),)),
     "wdl_seq": RankerEntry(WDLConfig, WDL, (("use_seq", True),)),
+    "esmm": RankerEntry(ESMMConfig, ESMM, labels=("click", "buy")),
 }
 
 
@@ -52,5 +59,5 @@ def build_ranker(name: str, spec: FeatureSpec, overrides: dict[str, Any] | None 
     return entry.build(spec, config)
 
 
-__all__ = ["BST", "DIN", "RANKERS", "WDL", "BSTConfig", "DINConfig", "RankerEntry", "WDLConfig",
-           "build_ranker"]
+__all__ = ["BST", "DIN", "ESMM", "RANKERS", "WDL", "BSTConfig", "DINConfig", "ESMMConfig",
+           "RankerEntry", "WDLConfig", "build_ranker"]

@@ -17,11 +17,16 @@ says ``bstrec.graph = request`` (the batch graph's says ``batch``, or nothing in
 before the request graph existed) and whether it shares work across candidates
 (``bstrec.shares_work``).
 
-A ranker that splits off what depends on the item alone (BST with ``request_shaped``:
-``item_parts`` / ``forward_parts``) is exported as two graphs instead
+A ranker that splits off what depends on the item alone (BST with ``request_shaped``, the
+distilled pre-ranker: ``item_parts`` / ``forward_parts``) is exported as two graphs instead
 (:func:`export_request_parts`): ``item_parts`` (the item inputs, N -> ``parts`` (N, P) float32),
 run once per catalogue item, and ``request_parts`` (the shared inputs with batch 1, then
 ``item_parts`` (N, P) and the item inputs it still reads, ``bstrec.part_item_inputs``).
+
+A multi-task ranker (ESMM, ranking/multitask.py) is exported by :func:`export_heads` as a batch
+graph whose ``logits`` are (B, H), one column per head (``bstrec.heads``, e.g. ``["ctr",
+"cvr"]``): the served objective (evaluation/objective.py) combines them. Single-head graphs say
+nothing, read as ``["ctr"]``.
 
 :func:`export_graph` and :class:`OnnxGraph` are the machinery under both, shared with the
 two-tower's user tower (retrieval/export.py), whose graph says ``bstrec.graph = user_tower``.
@@ -33,9 +38,9 @@ import dataclasses
 import json
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,9 +48,12 @@ from torch import Tensor, nn
 
 from bstrec.features.spec import FeatureSpec
 from bstrec.ranking.bst import BST
+from bstrec.ranking.prerank import PreRanker
 from bstrec.ranking.request import SEQUENCE_INPUTS, forward_request, item_names, shared_names
 
 OPSET = 20
+# the rankers with ``item_parts`` / ``forward_parts`` (module docstring)
+SplitRanker = BST | PreRanker
 PARTS = "item_parts"  # the request_parts graph's input of precomputed item parts (N, P)
 
 
@@ -87,6 +95,20 @@ class _RequestPositional(nn.Module):
                                dict(zip(self.items, xs[n:], strict=True)))
 
 
+class _Heads(nn.Module):
+    """Positional tensors -> a multi-task ranker's head logits stacked (B, H)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        # nn.Module's attribute typing knows no methods of a subclass
+        heads_of = cast(Callable[[dict[str, Tensor]], tuple[Tensor, ...]], self.model.heads)
+        return torch.stack(list(heads_of(dict(zip(self.names, xs, strict=True)))), 1)
+
+
 def example_batch(spec: FeatureSpec, batch: int = 3, multi_width: int = 2) -> dict[str, Tensor]:
     """A small valid batch (ids 2, the first value seen in train) to trace the graph with."""
     L = spec.max_len
@@ -112,6 +134,24 @@ def export_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path
                         meta={"bstrec.graph": "batch"})
 
 
+def export_heads(model: nn.Module, spec: FeatureSpec, path: str | Path,
+                 heads: tuple[str, ...] = ("ctr", "cvr")) -> Path:
+    """Write a multi-task ranker (``model.heads(batch)`` -> one (B,) logit per head, e.g.
+    ESMM's CTR and CVR) as a batch graph with ``logits`` (B, len(heads)); returns path."""
+    if not callable(getattr(model, "heads", None)):
+        raise ValueError(f"{type(model).__name__} has no heads(batch): not a multi-task ranker")
+    names = model_inputs(spec)
+    example = example_batch(spec)
+    return export_graph(model, _Heads(model, names), spec, path, names=names,
+                        args=tuple(example[n] for n in names), batched=set(names),
+                        meta={"bstrec.graph": "batch", "bstrec.heads": json.dumps(list(heads))})
+
+
+def splits_items(model: nn.Module) -> bool:
+    """Whether ``model`` is exported as ``export_request_parts``' two graphs."""
+    return isinstance(model, SplitRanker) and model.request_shaped
+
+
 def export_request_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path) -> Path:
     """Write ``model`` (in eval mode) as the request-shaped ONNX graph (module docstring):
     shared inputs with batch 1, item inputs with a dynamic batch N; returns path."""
@@ -127,7 +167,7 @@ def export_request_ranker(model: nn.Module, spec: FeatureSpec, path: str | Path)
 class _ItemParts(nn.Module):
     """Positional item inputs -> the ranker's ``item_parts`` (N, P)."""
 
-    def __init__(self, model: BST, items: tuple[str, ...]) -> None:
+    def __init__(self, model: SplitRanker, items: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model
         self.items = items
@@ -140,7 +180,8 @@ class _ItemParts(nn.Module):
 class _RequestParts(nn.Module):
     """Positional tensors (shared inputs, item parts, the item inputs still read) -> logits."""
 
-    def __init__(self, model: BST, shared: tuple[str, ...], items: tuple[str, ...]) -> None:
+    def __init__(self, model: SplitRanker, shared: tuple[str, ...], items: tuple[str, ...]
+                 ) -> None:
         super().__init__()
         self.model = model
         self.shared = shared
@@ -153,7 +194,7 @@ class _RequestParts(nn.Module):
         return out
 
 
-def export_request_parts(model: BST, spec: FeatureSpec, request_path: str | Path,
+def export_request_parts(model: SplitRanker, spec: FeatureSpec, request_path: str | Path,
                          items_path: str | Path) -> tuple[Path, Path]:
     """Write a ranker with ``item_parts`` / ``forward_parts`` (in eval mode) as the two graphs
     of the module docstring; returns (request graph, item-parts graph)."""
@@ -258,6 +299,9 @@ class OnnxRanker(OnnxGraph):
         super().__init__(path, threads)
         self.graph: str = self.meta.get("bstrec.graph", "batch")  # files of before the request graph
         self.shares_work: bool = json.loads(self.meta.get("bstrec.shares_work", "false"))
+        # the columns of a multi-task graph's (B, H) logits; a single-head graph's (B,) is CTR
+        self.heads: tuple[str, ...] = tuple(json.loads(self.meta.get("bstrec.heads",
+                                                                     '["ctr"]')))
 
     def predict(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """The graph's inputs as NumPy arrays (extra keys ignored) -> (B,) float32 logits: the

@@ -7,6 +7,8 @@ Layout of ``out`` (``bstrec train retriever``)::
     item_cf/           neighbour lists (item_cf.npz, item_cf.json)
     popular/           decayed popularity: global, per category, per segment
     index/             the item-vector index (``bstrec index build``; exact unless rebuilt)
+    item2vec/          optional: session item vectors and their index (item2vec.py;
+                       ``bstrec train retriever --item2vec``)
     retriever.json     configs, the two-tower's valid history, samples manifest hash
 """
 
@@ -23,9 +25,11 @@ from rich.console import Console
 
 from bstrec.config import from_dict
 from bstrec.data.samples import SampleSet
+from bstrec.features.spec import FeatureSpec
 from bstrec.features.vocab import Vocabularies
 from bstrec.retrieval.catalog import Catalog
 from bstrec.retrieval.index import IndexConfig, VectorIndex, build_index, load_index
+from bstrec.retrieval.item2vec import Item2Vec, Item2VecConfig
 from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
 from bstrec.retrieval.popular import PopularConfig, Popularity
 from bstrec.retrieval.train import (
@@ -38,6 +42,7 @@ from bstrec.retrieval.train import (
 from bstrec.retrieval.two_tower import TwoTower, TwoTowerConfig
 
 META = "retriever.json"
+ITEM2VEC = "item2vec"
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Retriever:
     popular: Popularity
     vocabs: Vocabularies
     index: VectorIndex | None
+    item2vec: Item2Vec | None = None
 
     def raw_id(self, item: int) -> Any:
         """Encoded item id -> the dataset's id."""
@@ -102,6 +108,29 @@ def train_retriever(samples_dir: str | Path, out_dir: str | Path, *,
     return result
 
 
+def default_segment(spec: FeatureSpec) -> tuple[str, ...]:
+    """Popularity segments: the default (gender x age) where the data has those features, else
+    up to two small user features (a segment is the product of their vocabularies)."""
+    have = {f.name: f for f in spec.features if f.group == "user" and f.name != "user"}
+    default = tuple(n for n in PopularConfig().segment if n in have)
+    if default:
+        return default
+    return tuple(n for n, f in have.items() if f.vocab_size <= 64)[:2]
+
+
+def fit_counting_sources(samples: SampleSet, catalog: Catalog,
+                         popular_config: PopularConfig | None = None,
+                         item_cf_config: ItemCFConfig | None = None) -> tuple[Popularity, ItemCF]:
+    """Popularity (segments: ``default_segment`` unless the config names them) and item-CF
+    fitted on the train split, as a bundle serves them."""
+    spec, train = samples.spec, samples.splits["train"]
+    pop_cfg = popular_config or PopularConfig(segment=default_segment(spec))
+    sizes = {f.name: f.vocab_size for f in spec.features if f.group == "user"}
+    popular = Popularity.fit(train, catalog.features["category"].numpy(),
+                             spec.vocab_size("category"), sizes, pop_cfg)
+    return popular, ItemCF.fit(train, catalog.size, item_cf_config)
+
+
 def build_item_index(model: TwoTower, catalog: Catalog, config: IndexConfig) -> VectorIndex:
     """An index of every catalog item's vector under its item id."""
     vecs = item_vectors(model, catalog).numpy()
@@ -116,6 +145,19 @@ def load_artifacts(path: str | Path) -> Retriever:
                                 "`bstrec train retriever`?")
     model, catalog = load_retriever(root)
     index = load_index(root / "index") if (root / "index").exists() else None
+    i2v = Item2Vec.load(root / ITEM2VEC) if (root / ITEM2VEC).exists() else None
     return Retriever(root, model, catalog, ItemCF.load(root / "item_cf"),
                      Popularity.load(root / "popular"), Vocabularies.load(root / "best" /
-                                                                         "vocab.json"), index)
+                                                                         "vocab.json"), index,
+                     i2v)
+
+
+def train_item2vec(samples_dir: str | Path, out_dir: str | Path,
+                   overrides: Mapping[str, Any] | None = None) -> Item2Vec:
+    """Fit item2vec on the train split of ``samples_dir`` and save it in ``out_dir/item2vec``
+    (where ``load_artifacts`` finds it). Unknown config keys are errors."""
+    cfg = from_dict(Item2VecConfig, dict(overrides or {}), where="item2vec")
+    samples = SampleSet.load(samples_dir, splits=("train",))
+    model = Item2Vec.fit(samples.splits["train"], samples.spec.vocab_size("item_id"), cfg)
+    model.save(Path(out_dir) / ITEM2VEC)
+    return model

@@ -5,7 +5,9 @@ Sources (each returns its top ``source_k`` catalog items per query, seen items e
 - ``two_tower``: the user vector searched in the item index (exact or approximate);
 - ``item_cf``: the user's recent behaviours' co-occurrence neighbours (item_cf.py);
 - ``popular``: time-decayed popularity in the user's context segment (popular.py);
-- ``category``: popular items of the categories the user touched (cold-start path only).
+- ``category``: popular items of the categories the user touched (cold-start path only);
+- ``item2vec``: the user's recent behaviours' session-embedding query searched in item2vec's
+  own index (item2vec.py); merged only where a quota names it (none by default).
 
 Users with a regular history get ``quotas`` of two_tower / item_cf / popular; users with none or
 few behaviours take the cold-start paths of coldstart.py.
@@ -26,6 +28,7 @@ from torch import Tensor
 from bstrec.retrieval.catalog import Catalog, QuerySet
 from bstrec.retrieval.coldstart import COLD, FEW, REGULAR, ColdStartConfig, category_scores, route
 from bstrec.retrieval.index import VectorIndex
+from bstrec.retrieval.item2vec import Item2Vec
 from bstrec.retrieval.item_cf import ItemCF
 from bstrec.retrieval.merge import Candidates, merge
 from bstrec.retrieval.popular import Popularity
@@ -34,7 +37,8 @@ from bstrec.retrieval.two_tower import TwoTower
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
-SOURCES = ("two_tower", "item_cf", "popular", "category")
+# appended, never reordered: a source's bit in Candidates.sources is its position here
+SOURCES = ("two_tower", "item_cf", "popular", "category", "item2vec")
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,10 @@ class CandidateGenerator:
 
     def __init__(self, catalog: Catalog, *, model: TwoTower | None = None,
                  index: VectorIndex | None = None, item_cf: ItemCF | None = None,
-                 popular: Popularity | None = None, config: CandidateConfig | None = None) -> None:
+                 popular: Popularity | None = None, config: CandidateConfig | None = None,
+                 item2vec: Item2Vec | None = None) -> None:
         self.catalog = catalog
+        self.item2vec = item2vec
         self.model = model
         self.index = index
         self.item_cf = item_cf
@@ -128,6 +134,8 @@ class CandidateGenerator:
         if self.popular is not None and "category" in wanted:
             out["category"] = self._dense(category_scores(self.popular, hist_cat, hist_mask),
                                           seen, k)
+        if self.item2vec is not None and "item2vec" in wanted:
+            out["item2vec"] = self.item2vec.search(hist_item, hist_mask, seen, k)
         return out
 
     def plans(self) -> dict[int, dict[str, int]]:

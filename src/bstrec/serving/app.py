@@ -66,6 +66,7 @@ from bstrec.serving.pipeline import (
     RequestError,
     UserState,
 )
+from bstrec.serving.schemas import ReloadTarget
 from bstrec.serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -156,21 +157,33 @@ class Service:
             raise BundleError(f"{path}: the bundle loads but does not serve: {exc}") from exc
         return pipeline
 
-    def reload(self, path: Path | None = None) -> tuple[str, Pipeline, float]:
-        """Load ``path`` (default: the configured bundle) and swap it in; returns the previous
+    def reload(self, path: Path | None = None, target: ReloadTarget = "A"
+               ) -> tuple[str, Pipeline, float]:
+        """Load ``path`` (default: the bundle configured for ``target``) and swap it in as
+        ``target`` (arm A, the main bundle; arm B; or the shadow bundle); returns the previous
         version, the new pipeline and the seconds it took. Raises BundleError, the old
-        pipeline still serving."""
+        pipeline still serving, and RequestError for a target that no bundle serves."""
+        attribute, configured = {"A": ("pipeline", self.settings.bundle),
+                                 "B": ("pipeline_b", self.settings.bundle_b),
+                                 "shadow": ("shadow", self.settings.shadow_bundle)}[target]
         with self._reload_lock:
+            current: Pipeline | None = getattr(self, attribute)
+            if current is None:
+                # starting an experiment changes who sees what: a restart with its settings
+                raise RequestError(f"no bundle serves {target!r} to reload: start the service "
+                                   "with BSTREC_BUNDLE_B or BSTREC_SHADOW_BUNDLE")
+            previous = current.version
+            del current  # no reference of ours may keep the old pipeline past settle_heap
             started = time.perf_counter()
             try:
-                new = self._load(path or self.settings.bundle)
+                new = self._load(path or configured or self.settings.bundle)
             except BundleError:
                 self.metrics.reloads.labels("refused").inc()
                 raise
-            previous = self.pipeline.version
-            self.pipeline = new  # the swap: one reference assignment
+            setattr(self, attribute, new)  # the swap: one reference assignment
             self.metrics.reloads.labels("ok").inc()
-            self.metrics.serving(new.version)
+            if target == "A":
+                self.metrics.serving(new.version)
             settle_heap()  # the old pipeline lives on only in the requests still using it
             return previous, new, time.perf_counter() - started
 
@@ -691,7 +704,7 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         refused (409) and the current one keeps serving. ``bundle`` must lie under the bundle
         root (``bundle_root``, default: the configured bundle's parent directory)."""
         path = under_root(body.bundle) if body is not None and body.bundle else None
-        previous, new, seconds = svc.reload(path)
+        previous, new, seconds = svc.reload(path, "A" if body is None else body.target)
         log.info("serving bundle %s (was %s), loaded in %.1f s", new.version, previous, seconds)
         return schemas.Reloaded(model_version=new.version, previous_version=previous,
                                 bundle=str(new.bundle.path), seconds=round(seconds, 3))
@@ -722,6 +735,12 @@ def create_app(settings: Settings, *, service: Service | None = None) -> FastAPI
         svc.metrics.store_up.set(1.0 if svc.guard.status().ok else 0.0)
         if svc.monitor is not None:
             svc.metrics.alerts(svc.monitor.alerts(svc.references()))
+        if (log := svc.impressions) is not None:
+            rows = svc.metrics.impression_rows
+            for kind, n in log.rows_written.items():
+                rows.labels(f"written_{kind}").set(n)
+            rows.labels("lost").set(log.rows_lost)
+            rows.labels("dropped").set(log.rows_dropped)
         return Response(svc.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -4,12 +4,19 @@ Layout (written in one atomic rename; nothing in it is ever unpickled)::
 
     manifest.json        format version, bundle version, sources, id types, pipeline config,
                          sha256 of every other file
-    ranker.onnx          the BST ranker (ranking/export.py), spec in its metadata
+    ranker.onnx          the BST ranker (ranking/export.py), spec in its metadata; a
+                         multi-task ranker's (ESMM) gives one logit column per head
     ranker_request.onnx  the same ranker, request-shaped (one user, N candidates); bundles
-                         built before it existed lack it and are served through ranker.onnx
+                         built before it existed, and multi-task ones, lack it and are served
+                         through ranker.onnx
     ranker_items.onnx    with a request graph that reads precomputed item parts (BST with the
                          target output and one block): the graph computing them, run once per
                          catalogue item (serving/pipeline.py)
+    prerank.onnx         optional: the distilled pre-ranker (ranking/prerank.py), batch graph,
+    prerank_request.onnx request graph over the item vectors of prerank_items.onnx (cached per
+    prerank_items.onnx   catalogue item); what ``funnel.prerank="distilled"`` scores with
+    light.onnx           optional: the light ranker of a three-layer funnel (e.g. DIN), batch
+    light_request.onnx   graph and request-shaped; what ``funnel.light_n`` > 0 scores with
     feature_spec.json    the feature specification shared by every model of the bundle
     vocab.json           the vocabularies that encode requests (features/online.py)
     catalog.parquet      encoded item features by item index (retrieval/catalog.py)
@@ -22,6 +29,8 @@ Layout (written in one atomic rename; nothing in it is ever unpickled)::
                          lack it and compute the vector in eager torch
     item_vectors.npy     optional: (N, D) item vectors by item index (pre-rank dot products)
     index/               optional: the vector index of the catalog's item vectors
+    item2vec/            optional: item2vec session vectors and their index (the same index
+                         kind), the candidate source ``item2vec`` (retrieval/item2vec.py)
     reference.json       the training reference that monitoring compares served traffic with
                          (monitoring/reference.py); bundles built before it lack it
 
@@ -59,6 +68,7 @@ from bstrec.features.vocab import Vocabularies
 from bstrec.monitoring.reference import REFERENCE, Reference, build_reference, expected_sources
 from bstrec.retrieval.catalog import Catalog
 from bstrec.retrieval.index import IndexConfig, VectorIndex, build_index, load_index
+from bstrec.retrieval.item2vec import Item2Vec
 from bstrec.retrieval.item_cf import ItemCF, ItemCFConfig
 from bstrec.retrieval.popular import PopularConfig, Popularity
 from bstrec.retrieval.two_tower import TwoTower
@@ -72,6 +82,13 @@ MANIFEST = "manifest.json"
 RANKER = "ranker.onnx"
 RANKER_REQUEST = "ranker_request.onnx"
 RANKER_ITEMS = "ranker_items.onnx"
+# the funnel's optional layers (serving/config.py FunnelConfig): batch and request graphs
+PRERANK = "prerank.onnx"
+PRERANK_REQUEST = "prerank_request.onnx"
+PRERANK_ITEMS = "prerank_items.onnx"
+LIGHT = "light.onnx"
+LIGHT_REQUEST = "light_request.onnx"
+LIGHT_ITEMS = "light_items.onnx"
 SPEC = "feature_spec.json"
 VOCAB = "vocab.json"
 CATALOG = "catalog.parquet"
@@ -82,6 +99,7 @@ TWO_TOWER = "two_tower"
 USER_TOWER = "user_tower.onnx"
 ITEM_VECTORS = "item_vectors.npy"
 INDEX = "index"
+ITEM2VEC = "item2vec"
 
 IdType = Literal["int", "str"]
 F32 = npt.NDArray[np.float32]
@@ -110,6 +128,9 @@ class Bundle:
     index: VectorIndex | None = None
     user_tower: UserTowerRuntime | None = None  # None: user vectors by the eager two_tower
     reference: Reference | None = None  # None: a bundle built before references
+    prerank: RankerRuntime | None = None  # the distilled pre-ranker, where the bundle has one
+    light: RankerRuntime | None = None  # the funnel's light ranker, where the bundle has one
+    item2vec: Item2Vec | None = None  # the item2vec source, where the bundle has one
 
     @property
     def version(self) -> str:
@@ -127,16 +148,6 @@ class Bundle:
 
 
 # --- building -------------------------------------------------------------------------------
-
-def _default_segment(spec: FeatureSpec) -> tuple[str, ...]:
-    """Popularity segments: the default (gender x age) where the data has those features, else
-    up to two small user features (a segment is the product of their vocabularies)."""
-    have = {f.name: f for f in spec.features if f.group == "user" and f.name != "user"}
-    default = tuple(n for n in PopularConfig().segment if n in have)
-    if default:
-        return default
-    return tuple(n for n, f in have.items() if f.vocab_size <= 64)[:2]
-
 
 def _id_type(dtype: pl.DataType) -> IdType:
     return "str" if dtype == pl.String else "int"
@@ -157,6 +168,9 @@ def build_bundle(
     popular_config: PopularConfig | None = None,
     pipeline_config: PipelineConfig | None = None,
     version: str | None = None,
+    prerank_checkpoint: str | Path | None = None,
+    light_checkpoint: str | Path | None = None,
+    item2vec_dir: str | Path | None = None,
 ) -> Path:
     """Write a bundle at ``out`` (atomically; an existing one is replaced) and return its path.
 
@@ -164,9 +178,20 @@ def build_bundle(
     tables); ``ranker_checkpoint``: a ranker checkpoint or training run (its ``best/``);
     ``retriever_dir``: optional output of ``train_two_tower(out_dir=...)``. Popularity and
     item-CF are fitted here on the train split (seconds, even on ML-1M).
+    ``prerank_checkpoint`` (a distilled pre-ranker, training/distill.py) and
+    ``light_checkpoint`` (a ranker checkpoint or run) add the funnel's optional layers.
+    ``item2vec_dir``: optional item2vec folder (``bstrec train retriever --item2vec`` writes
+    RETRIEVER/item2vec), re-indexed with ``index_config``; merged where the pipeline's quotas
+    name ``item2vec``.
     """
-    from bstrec.ranking.bst import BST
-    from bstrec.ranking.export import export_ranker, export_request_parts, export_request_ranker
+    from bstrec.ranking.export import (
+        export_heads,
+        export_ranker,
+        export_request_parts,
+        export_request_ranker,
+        splits_items,
+    )
+    from bstrec.retrieval.artifacts import fit_counting_sources
     from bstrec.retrieval.export import export_user_tower
     from bstrec.retrieval.train import item_vectors, load_retriever
     from bstrec.training.checkpoint import load_checkpoint
@@ -184,19 +209,24 @@ def build_bundle(
                           "(feature spec or vocabularies differ)")
     spec = samples.spec
     catalog = Catalog.from_samples(samples)
-    train = samples.splits["train"]
-    pop_cfg = popular_config or PopularConfig(segment=_default_segment(spec))
-    sizes = {f.name: f.vocab_size for f in spec.features if f.group == "user"}
-    popular = Popularity.fit(train, catalog.features["category"].numpy(),
-                             spec.vocab_size("category"), sizes, pop_cfg)
-    item_cf = ItemCF.fit(train, catalog.size, item_cf_config)
+    popular, item_cf = fit_counting_sources(samples, catalog, popular_config, item_cf_config)
     two_tower: TwoTower | None = None
     if retriever_dir is not None:
         two_tower, tt_catalog = load_retriever(retriever_dir)
         if tt_catalog.size != catalog.size:
             raise BundleError(f"the retriever {retriever_dir} has a catalog of {tt_catalog.size} "
                               f"items, the samples {catalog.size}")
+    item2vec: Item2Vec | None = None
+    if item2vec_dir is not None:
+        item2vec = Item2Vec.load(item2vec_dir)
+        if item2vec.size != catalog.size:
+            raise BundleError(f"the item2vec {item2vec_dir} covers {item2vec.size} item ids, "
+                              f"the samples {catalog.size}")
+        item2vec.index = item2vec.build_index(index_config)  # the bundle's ANN kind
     config = pipeline_config or PipelineConfig()
+    layers = _funnel_models(samples, prerank_checkpoint, light_checkpoint)
+    _check_funnel(config, has_prerank="prerank" in layers, has_light="light" in layers,
+                  where=str(out))
     valid_path = Path(samples_dir) / "samples" / "valid.parquet"
     # predictions on rows the ranker did not fit: a served request is one it never saw
     reference = build_reference(
@@ -206,11 +236,19 @@ def build_bundle(
     target = Path(out)
     with atomic_dir(target) as tmp:
         with _quiet("onnxscript", "onnx_ir"):  # the exporter's optimizer logs at INFO
-            export_ranker(ranker.model, spec, tmp / RANKER)
-            if isinstance(ranker.model, BST) and ranker.model.request_shaped:
-                export_request_parts(ranker.model, spec, tmp / RANKER_REQUEST, tmp / RANKER_ITEMS)
-            else:
-                export_request_ranker(ranker.model, spec, tmp / RANKER_REQUEST)
+            for model, (batch_file, request_file, items_file) in (
+                    (ranker.model, (RANKER, RANKER_REQUEST, RANKER_ITEMS)),
+                    *((ck.model, _LAYER_FILES[name]) for name, (_, ck) in layers.items())):
+                if callable(getattr(model, "heads", None)):
+                    # a multi-task ranker (ESMM): its heads' logits, served through the batch
+                    # graph (no request-shaped one: the objective combines the heads)
+                    export_heads(model, spec, tmp / batch_file)
+                    continue
+                export_ranker(model, spec, tmp / batch_file)
+                if splits_items(model):
+                    export_request_parts(model, spec, tmp / request_file, tmp / items_file)
+                else:
+                    export_request_ranker(model, spec, tmp / request_file)
             if two_tower is not None:
                 export_user_tower(two_tower, spec, tmp / USER_TOWER)
         spec.save(tmp / SPEC)
@@ -226,6 +264,8 @@ def build_bundle(
             np.save(tmp / ITEM_VECTORS, vectors)
             ids = catalog.candidates
             build_index(ids, vectors[ids], index_config).save(tmp / INDEX)
+        if item2vec is not None:
+            item2vec.save(tmp / ITEM2VEC)
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
                  if p.is_file()}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:10]
@@ -243,9 +283,14 @@ def build_bundle(
             "retriever": None if retriever_dir is None else {
                 "path": str(Path(retriever_dir).resolve()),
                 "index": dataclasses.asdict(index_config or IndexConfig())},
+            "item2vec": None if item2vec is None else {
+                "path": str(Path(item2vec_dir or "").resolve()),
+                "config": dataclasses.asdict(item2vec.config)},
             "id_types": {"user_id": _id_type(dataset.users.schema["user_id"]),
                          "item_id": _id_type(dataset.items.schema["item_id"])},
             "pipeline": json.loads(json.dumps(dataclasses.asdict(config))),
+            **{name: {"model_name": ck.model_name, "checkpoint": str(path.resolve()),
+                      "metrics": ck.metrics} for name, (path, ck) in layers.items()},
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -325,6 +370,15 @@ def load_bundle(path: str | Path, *, verify: bool = True, ort_threads: int = 1) 
                     item_cf=item_cf, config=config, reference=reference)
     if (root / TWO_TOWER).is_dir():
         _load_retriever(bundle, root, ort_threads)
+    _load_funnel(bundle, root, ort_threads)
+    if f"{ITEM2VEC}/item2vec.json" in manifest["files"]:  # bundles built before it: none
+        try:
+            bundle.item2vec = Item2Vec.load(root / ITEM2VEC)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{root}: cannot read item2vec: {exc}") from None
+        if bundle.item2vec.size != n_items:
+            raise BundleError(f"{root}: item2vec covers {bundle.item2vec.size} item ids, the "
+                              f"spec {n_items}")
     return bundle
 
 
@@ -395,3 +449,62 @@ def _item_table(frame: pl.DataFrame) -> dict[ItemId, Features]:
     """Raw item rows as {item id: features} with the feature store's JSON values."""
     cols = [c for c in frame.columns if c != "item_id"]
     return {row["item_id"]: {c: row[c] for c in cols} for row in frame.iter_rows(named=True)}
+
+
+# --- the funnel's optional layers -----------------------------------------------------------
+
+# batch, request and (where the model splits its item parts off) item-parts graphs
+_LAYER_FILES = {"prerank": (PRERANK, PRERANK_REQUEST, PRERANK_ITEMS),
+                "light": (LIGHT, LIGHT_REQUEST, LIGHT_ITEMS)}
+
+
+def _funnel_models(samples: SampleSet, prerank: str | Path | None, light: str | Path | None
+                   ) -> dict[str, tuple[Path, Any]]:
+    """name -> (checkpoint path, loaded checkpoint) of the layers given, checked against the
+    samples the bundle is built from."""
+    from bstrec.training.checkpoint import load_checkpoint
+    from bstrec.training.distill import build_prerank
+
+    out: dict[str, tuple[Path, Any]] = {}
+    for name, given in (("prerank", prerank), ("light", light)):
+        if given is None:
+            continue
+        path = Path(given)
+        if (path / "best").is_dir():
+            path = path / "best"
+        ck = load_checkpoint(path, builder=build_prerank if name == "prerank" else None)
+        if ck.spec != samples.spec or not _same_vocabs(ck.vocabs, samples.vocabs):
+            raise BundleError(f"the {name} model {path} was trained on other samples than the "
+                              "bundle's (feature spec or vocabularies differ)")
+        out[name] = (path, ck)
+    return out
+
+
+def _check_funnel(config: PipelineConfig, *, has_prerank: bool, has_light: bool,
+                  where: str) -> None:
+    if config.funnel.prerank == "distilled" and not has_prerank:
+        raise BundleError(f"{where}: funnel.prerank is distilled but the bundle has no "
+                          f"pre-ranker ({PRERANK})")
+    if config.funnel.light_n and not has_light:
+        raise BundleError(f"{where}: funnel.light_n is {config.funnel.light_n} but the bundle "
+                          f"has no light ranker ({LIGHT})")
+
+
+def _load_funnel(bundle: Bundle, root: Path, ort_threads: int) -> None:
+    files = bundle.manifest["files"]
+    for name, (batch_file, request_file, items_file) in _LAYER_FILES.items():
+        if batch_file not in files:
+            continue
+        try:
+            runtime = RankerRuntime(
+                root / batch_file, threads=ort_threads,
+                request_path=root / request_file if request_file in files else None,
+                items_path=root / items_file if items_file in files else None)
+            runtime.check()
+            if runtime.spec != bundle.spec:
+                raise ValueError(f"it was exported for another feature spec than {SPEC}")
+        except Exception as exc:  # ONNX Runtime raises its own types on a bad graph
+            raise BundleError(f"{root / batch_file} does not load or run: {exc}") from None
+        setattr(bundle, name, runtime)
+    _check_funnel(bundle.config, has_prerank=bundle.prerank is not None,
+                  has_light=bundle.light is not None, where=str(root))

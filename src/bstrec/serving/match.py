@@ -53,7 +53,7 @@ class OnlineMatcher:
         self.bundle = bundle
         self.generator = CandidateGenerator(
             bundle.catalog, model=bundle.two_tower, index=bundle.index, item_cf=bundle.item_cf,
-            popular=bundle.popular, config=bundle.config.candidates)
+            popular=bundle.popular, config=bundle.config.candidates, item2vec=bundle.item2vec)
 
     def match(self, row: Batch, seen: I64) -> Matched:
         """``row``: the user's batch contract, one row (history, profile, context); ``seen``:

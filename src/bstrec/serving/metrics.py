@@ -44,6 +44,10 @@ class Metrics:
                            registry=r)
         self.alert_value = Gauge("bstrec_alert_value", "The value an alert compares with its "
                                  "threshold", ["name", "model_version"], registry=r)
+        self.impression_rows = Gauge(
+            "bstrec_impression_log_rows", "Rows of the impression log since the start, by "
+            "outcome (written_impressions, written_events, lost: their write failed, dropped: "
+            "over max_queued_rows waiting)", ["outcome"], registry=r)
 
     def observe(self, rec: Recommendation) -> None:
         for stage, ms in rec.timings_ms.items():

@@ -3,6 +3,9 @@
 1. read the user's snapshot from the feature store (last behaviours, profile);
 2. match: the user's query row (features/online.py) through retrieval's sources and merge;
 3. pre-rank: a dot product (two-tower) over every merged candidate, keep the best ``rank_n``;
+   or, as the bundle's ``funnel`` says (serving/config.py FunnelConfig), the distilled
+   pre-ranker over every merged candidate, then the light ranker on its best ``light_n``
+   (stage ``light``), keeping the best ``rank_n`` for BST;
 4. rank: the ``rank_n`` candidates' item columns (the offline builder's code) and the query
    row's shared user/context/history inputs, in ONE call of the exported request-shaped BST
    ranker in ONNX Runtime (shared work done once per request);
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from bstrec.evaluation.objective import objective_scores
 from bstrec.features.online import ItemTable, OnlineFeatures
 from bstrec.features.spec import N_RESERVED, OOV
 from bstrec.features.store import (
@@ -45,10 +49,12 @@ from bstrec.serving.bundle import Bundle, IdType
 from bstrec.serving.guard import StoreGuard
 from bstrec.serving.match import OnlineMatcher
 from bstrec.serving.rules import apply_rules
+from bstrec.serving.runtime import RankerRuntime
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
-STAGES = ("store", "features", "retrieve", "prerank", "rank_features", "rank", "rules")
+STAGES = ("store", "features", "retrieve", "prerank", "light", "rank_features", "rank",
+          "rules")
 MAX_ID_CHARS = 256
 # Events stamped further than this in the future are refused (a clock or unit error: ms for s);
 # the service sets its own (Settings.max_future_s)
@@ -76,7 +82,7 @@ class NotFound(LookupError):
 @dataclass(frozen=True)
 class RecommendedItem:
     item_id: ItemId
-    score: float  # the ranker's click probability
+    score: float  # the served objective's score (engagement: the ranker's click probability)
     prerank_score: float
     sources: tuple[str, ...]  # the match-stage sources that proposed it
     category: str | None
@@ -104,6 +110,8 @@ class Recommendation:
     # the HTTP answer): the newest behaviour's time and category, the profile's raw values
     newest_ts: int | None = None
     last_category: str | None = None
+    # the score that ranked the list (PipelineConfig.objective): engagement, conversion, ...
+    objective: str = "engagement"
     profile: dict[str, str] = field(default_factory=dict)
 
 
@@ -214,13 +222,21 @@ class Pipeline:
         # version of them (_item_table)
         self.table = ItemTable.build(self.features, bundle.items)
         self._table_lock = threading.Lock()
-        # the ranker's item parts of every catalogue item (ranking/export.py), for one table
-        self._parts: tuple[ItemTable, F32 | None] | None = None
+        # per layer (ranker, prerank): its item parts of every catalogue item (ranking/export.py)
+        # for one item table
+        self._parts: dict[str, tuple[ItemTable, F32 | None]] = {}
         self.matcher = OnlineMatcher(bundle)
         self.item_vocab = bundle.vocabs["item_id"]
         # the query row's target: any real item (retrieval reads the history, profile and
         # context of that row, never its target columns)
         self.probe_item: ItemId = self.item_vocab.values[0]
+        objective = bundle.config.objective
+        # the heads of the exported ranker (ranking/export.py): a single-head graph is pCTR
+        self.heads = bundle.ranker.heads
+        if objective.needs_cvr and "cvr" not in self.heads and bundle.config.ranking == "model":
+            raise ValueError(f"objective {objective.kind!r} needs a conversion head (pCVR): the "
+                             f"bundle's ranker has {list(self.heads)}; train a multi-task ranker "
+                             "(ESMM) or serve objective engagement")
         if self.guard.store.max_events < bundle.spec.max_len:
             raise ValueError(f"the feature store keeps {self.guard.store.max_events} behaviours "
                              f"per user, fewer than the ranker's history ({bundle.spec.max_len})")
@@ -281,16 +297,34 @@ class Pipeline:
                 changes.items, changes.version, base=self.bundle.items if changes.full else None)
         return table
 
-    def _item_parts(self, table: ItemTable) -> F32 | None:
-        """(V, P) the ranker's item parts of every vocabulary index of ``table`` (None when its
-        request graph reads item inputs), computed once per table: item features change
-        rarely, requests share them."""
-        cached = self._parts
+    def _item_parts(self, table: ItemTable, layer: str = "ranker") -> F32 | None:
+        """(V, P) the item parts of every vocabulary index of ``table`` for the bundle's
+        ``layer`` (ranker or prerank; None when its request graph reads item inputs),
+        computed once per table: item features change rarely, requests share them."""
+        cached = self._parts.get(layer)
         if cached is not None and cached[0] is table:
             return cached[1]
-        parts = self.bundle.ranker.item_parts(table.inputs(np.arange(len(table.present))))
-        self._parts = (table, parts)  # one assignment: readers see the old pair or the new
+        runtime: RankerRuntime = getattr(self.bundle, layer)
+        parts = runtime.item_parts(table.inputs(np.arange(len(table.present))))
+        self._parts[layer] = (table, parts)  # one assignment: readers see the old pair or new
         return parts
+
+    def _objective(self, probs: F32, cand_idx: I64) -> F32:
+        """The served objective's scores (N,) of the candidates from the ranker's (N,) pCTR or
+        (N, H) head probabilities; prices (for revenue) from the bundle's item table, an item
+        without one scoring 0 (evaluation/objective.py)."""
+        objective = self.bundle.config.objective
+        if probs.ndim == 1 and objective.kind == "engagement":
+            return probs  # today's path: a single-head ranker's click probability
+        heads = probs if probs.ndim == 2 else probs[:, None]
+        p_ctr = heads[:, self.heads.index("ctr")]
+        p_cvr = heads[:, self.heads.index("cvr")] if "cvr" in self.heads else None
+        price = None
+        if objective.needs_price:
+            raw = [self.bundle.items.get(self._raw(int(i)), {}).get("price") for i in cand_idx]
+            price = np.array([np.nan if p is None else float(p) for p in raw])
+        out: F32 = objective_scores(objective, p_ctr, p_cvr, price).astype(np.float32)
+        return out
 
     # --- recommend ----------------------------------------------------------------------------
     def recommend(self, user_id: object, k: int = 10, now: int | None = None, *,
@@ -320,8 +354,11 @@ class Pipeline:
         user: UserId = -1 if self.bundle.user_id_type == "int" else "__warmup__"
         out = self._recommend(user, 10, None, use_store=False)
         reasons: list[str] = []
-        self._item_parts(self._item_table(self._snapshot(user, reasons, use_store=True), reasons,
-                                          use_store=True))
+        table = self._item_table(self._snapshot(user, reasons, use_store=True), reasons,
+                                 use_store=True)
+        self._item_parts(table)
+        if self.bundle.prerank is not None:
+            self._item_parts(table, "prerank")
         return out
 
     def _recommend(self, user: UserId, k: int, now: int | None, *, use_store: bool,
@@ -346,9 +383,26 @@ class Pipeline:
         matched = self.matcher.match(row, seen)
         watch.lap("retrieve")
 
-        pre = self.matcher.prerank(matched)
-        order = np.argsort(-pre, kind="stable")[:self.bundle.config.rank_n]
+        funnel = self.bundle.config.funnel
+        if funnel.prerank == "distilled" and self.bundle.prerank is not None \
+                and len(matched.ids):
+            # every merged candidate through the distilled pre-ranker's request graph, over
+            # its item vectors cached per table
+            parts = self._item_parts(table, "prerank")
+            pre = self.bundle.prerank.logits_request(
+                row, {} if parts is not None else table.inputs(matched.ids),
+                None if parts is None else parts[matched.ids])
+        else:
+            pre = self.matcher.prerank(matched)
+        order = np.argsort(-pre, kind="stable")
         watch.lap("prerank")
+        if funnel.light_n and self.bundle.light is not None and len(order):
+            # the light ranker reorders the pre-ranked best light_n; BST takes its best rank_n
+            top = order[:funnel.light_n]
+            light = self.bundle.light.logits_request(row, table.inputs(matched.ids[top]))
+            order = top[np.argsort(-light, kind="stable")]
+        order = order[:self.bundle.config.rank_n]
+        watch.lap("light")
 
         cand_idx = matched.ids[order]
         values, categories = self.item_vocab.values, table.categories
@@ -366,8 +420,8 @@ class Pipeline:
             cand_inputs = table.inputs(cand_idx)
             parts = self._item_parts(table)
             watch.lap("rank_features")
-            scores = self.bundle.ranker.score_request(
-                row, cand_inputs, None if parts is None else parts[cand_idx])
+            scores = self._objective(self.bundle.ranker.score_request(
+                row, cand_inputs, None if parts is None else parts[cand_idx]), cand_idx)
         else:
             watch.lap("rank_features")
         watch.lap("rank")
@@ -404,7 +458,7 @@ class Pipeline:
             history_length=len(snapshot.behaviours), degraded=bool(reasons),
             degraded_reasons=reasons, candidates=matched.per_source,
             timings_ms={s: round(watch.laps.get(s, 0.0), 3) for s in STAGES},
-            policy=config.policy.kind,
+            policy=config.policy.kind, objective=config.objective.kind,
             newest_ts=None if newest is None else newest.timestamp,
             last_category=None if newest is None else self._category(
                 self.bundle.items.get(newest.item_id)),

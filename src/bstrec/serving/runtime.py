@@ -48,7 +48,8 @@ def sigmoid(z: F32) -> F32:
 
 class RankerRuntime:
     """``score(batch) -> (B,)`` and ``score_request(shared, items) -> (N,)`` click
-    probabilities from exported ranker files (``request_path``: the request-shaped graph, or the
+    probabilities (a multi-task ranker's: (B, H) and (N, H), columns ``heads``) from exported
+    ranker files (``request_path``: the request-shaped graph, or the
     ``request_parts`` graph with ``items_path``, its ``item_parts`` graph: ranking/export.py)."""
 
     def __init__(self, path: str | Path, threads: int = 1,
@@ -75,6 +76,8 @@ class RankerRuntime:
                     raise ValueError(f"{items_path} is not the item-parts graph of {request_path}")
         self.shared_names = shared_names(self.spec)
         self.item_names = item_names(self.spec)
+        # what the columns of the logits are: ("ctr",) for (B,) logits, else one per head
+        self.heads: tuple[str, ...] = self.ranker.heads
 
     def logits(self, batch: Inputs) -> F32:
         """Batch contract (torch or NumPy; extra keys ignored) -> (B,) logits."""
@@ -117,13 +120,15 @@ class RankerRuntime:
         it serves)."""
         batch = example_batch(self.spec, batch=2)
         out = self.logits(batch)
-        if out.shape != (2,) or not np.isfinite(out).all():
+        # a multi-task graph gives one column per head (ranking/export.py export_heads)
+        shape = (2,) if len(self.heads) == 1 else (2, len(self.heads))
+        if out.shape != shape or not np.isfinite(out).all():
             raise ValueError(f"the ranker returned {out!r} on a valid batch")
         if self.request is not None:
             got = self.logits_request({n: batch[n][:1] for n in self.shared_names}, batch)
             # int8 graphs quantise activations per call, from each graph's own tensors: the two
             # then agree to about 1e-2 in logit (fp32 ones to 1e-6); another model would not
-            if got.shape != (2,) or not np.allclose(got, out, rtol=0.0, atol=0.05):
+            if got.shape != shape or not np.allclose(got, out, rtol=0.0, atol=0.05):
                 raise ValueError(f"the request-shaped ranker returned {got!r} where the batch "
                                  f"graph returned {out!r}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -19,7 +19,8 @@ class _Model(BaseModel):
 
 class RecommendedItem(_Model):
     item_id: Id
-    score: float = Field(description="The BST ranker's click probability")
+    score: float = Field(description="The served objective's score (engagement: the ranker's "
+                         "click probability)")
     prerank_score: float = Field(description="The pre-rank score (two-tower dot product)")
     sources: list[str] = Field(description="Match-stage sources that proposed the item")
     category: str | None
@@ -39,6 +40,8 @@ class Recommendation(_Model):
     arm: str = Field(description="Experiment arm: A or B when two bundles are served, else "
                      "default")
     policy: str = Field(description="How the list was drawn: greedy or plackett_luce")
+    objective: str = Field(description="The score that ranked the list: engagement (pCTR), "
+                           "conversion (pCTCVR), revenue (pCTCVR x price) or blend")
     request_time: int = Field(description="Unix seconds the features were computed at")
     path: str = Field(description="Match route: regular, few (1-2 behaviours) or cold")
     known_user: bool
@@ -118,9 +121,14 @@ class Health(_Model):
     pid: int = Field(description="The worker process that answered (several with --workers)")
 
 
+ReloadTarget = Literal["A", "B", "shadow"]
+
+
 class ReloadRequest(_Model):
     bundle: str | None = Field(None, max_length=4096, description="Bundle directory, under the "
-                               "server's bundle root; default: the configured one")
+                               "server's bundle root; default: the one configured for target")
+    target: ReloadTarget = Field("A", description="What the bundle replaces: arm A (the main "
+                                 "bundle), arm B of an experiment, or the shadow bundle")
 
 
 class Reloaded(_Model):

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     impression_log: Path | None = None
     impression_flush_rows: int = Field(1_000, ge=1)
     impression_flush_s: float = Field(5.0, gt=0)
+    # rows waiting for the log's writer at most; past it rows are dropped and counted on /metrics
+    impression_max_queued_rows: int = Field(200_000, ge=1)
     # experiments: a second bundle served to ``share_b`` of the users (arm B, the main bundle
     # being arm A), split by a salted hash of the user id: a user stays in one arm
     bundle_b: Path | None = None
@@ -126,7 +128,8 @@ class Settings(BaseSettings):
         if self.impression_log is None:
             return None
         return ImpressionLogConfig(self.impression_log, flush_rows=self.impression_flush_rows,
-                                   flush_interval_s=self.impression_flush_s)
+                                   flush_interval_s=self.impression_flush_s,
+                                   max_queued_rows=self.impression_max_queued_rows)
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(backend=self.store, path=self.store_path, url=self.redis_url,

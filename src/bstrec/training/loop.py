@@ -297,19 +297,22 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: TensorSplit, batch_size: int = 4096) -> np.ndarray:
-    """Logits (N,) float32 of every row of ``split`` in order (eval mode, no grad)."""
+    """Logits (N,) float32 of every row of ``split`` in order (eval mode, no grad); (N, H)
+    for a multi-task ranker whose forward returns (B, H) with H > 1."""
     was_training = model.training
     model.eval()
     device = _model_device(model)
     out: list[torch.Tensor] = []
     try:
         for batch in split.batches(batch_size):
-            out.append(model(_to(batch, device)).float().reshape(-1).cpu())
+            logits = model(_to(batch, device)).float()
+            out.append(logits.reshape(logits.shape[0], -1).cpu())
     finally:
         model.train(was_training)
     if not out:
         return np.zeros(0, dtype=np.float32)
-    return torch.cat(out).numpy()
+    flat = torch.cat(out)
+    return (flat.squeeze(1) if flat.shape[1] == 1 else flat).numpy()
 
 
 def predict(model: nn.Module, split: TensorSplit, batch_size: int = 4096) -> np.ndarray:
@@ -319,9 +322,18 @@ def predict(model: nn.Module, split: TensorSplit, batch_size: int = 4096) -> np.
 
 
 def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 4096) -> dict[str, float]:
-    """AUC and logloss of ``model`` on ``split``."""
+    """AUC and logloss of ``model`` on ``split``; with (N, H) labels (multi-task), the means
+    over the heads of each head's AUC and logloss (what early stopping then reads)."""
     logits = predict_logits(model, split, batch_size)
     labels = split.tensors["label"].cpu().numpy()
+    if labels.ndim == 2:
+        heads = [evaluate_arrays(labels[:, h], logits[:, h]) for h in range(labels.shape[1])]
+        return {k: float(np.mean([m[k] for m in heads])) for k in ("auc", "logloss")}
+    return evaluate_arrays(labels, logits)
+
+
+def evaluate_arrays(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """AUC and logloss of logits (N,) against labels (N,)."""
     return {"auc": auc(labels, logits), "logloss": binary_logloss(labels, logits)}
 
 

@@ -96,7 +96,9 @@ def train_ranker(
     build = builder or _default_builder()
 
     samples = SampleSet.load(samples_dir, splits=("train", "valid"))
-    splits = {name: TensorSplit.from_frame(frame, samples.spec)
+    labels = _labels(model_name) if builder is None else ("label",)
+    splits = {name: TensorSplit.from_frame(_with_labels(frame, labels, samples, samples_dir),
+                                           samples.spec, labels)
               for name, frame in samples.splits.items()}
     seed_model_init(cfg.seed)
     model = build(model_name, samples.spec, model_cfg)
@@ -130,6 +132,32 @@ def train_ranker(
     return result
 
 
+def _labels(model_name: str) -> tuple[str, ...]:
+    from bstrec.ranking import RANKERS
+
+    entry = RANKERS.get(model_name)
+    return entry.labels if entry is not None else ("label",)
+
+
+def _with_labels(frame: pl.DataFrame, labels: tuple[str, ...], samples: SampleSet,
+                 samples_dir: str | Path) -> pl.DataFrame:
+    """``frame`` with the ``labels`` columns: as built, or a multi-task ranker's click and buy
+    derived from the samples' log (``with_conversion_labels``)."""
+    if all(c in frame.columns for c in labels):
+        return frame
+    if labels != ("click", "buy"):
+        raise ValueError(f"the samples in {samples_dir} have no columns {list(labels)}")
+    from bstrec.data.samples import with_conversion_labels
+
+    events = samples.dataset.events if samples.dataset is not None else None
+    if events is None or "action" not in events.columns \
+            or not (events["action"] == "buy").any():
+        raise ValueError(f"a click-and-conversion ranker needs buy events in the log of "
+                         f"{samples_dir} (an implicit log with actions, e.g. Taobao's pv/cart/"
+                         "fav/buy): it has none")
+    return with_conversion_labels(frame, events)
+
+
 def evaluate_checkpoint(checkpoint_dir: str | Path, samples_dir: str | Path,
                         split: str = "test", *, batch_size: int = 4096,
                         builder: Builder | None = None) -> dict[str, Any]:
@@ -152,6 +180,10 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, samples_dir: str | Path,
     _check_same_encoding(ckpt.spec, ckpt.vocabs, spec, vocabs, checkpoint_dir, root)
     data = TensorSplit.from_frame(frame, spec)
     logits = predict_logits(ckpt.model, data, batch_size)
+    if logits.ndim != 1:
+        raise ValueError(f"{checkpoint_dir} is a multi-task ranker ({ckpt.model_name}): this "
+                         "evaluation scores one click label; benchmarks/bench_objective.py "
+                         "evaluates each head and objective")
     labels = data.tensors["label"].numpy()
     probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
     return {

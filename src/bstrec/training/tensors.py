@@ -10,7 +10,8 @@ A split is loaded once into a dict of tensors (the batch contract every ranker r
   reads time differences buckets them itself, with its config's ``time_buckets``
   (features/timebuckets.py), so no bucket count is fixed here;
 - ``hist_mask``: (N, L) bool, True where a behaviour is present;
-- ``label``: (N,) float.
+- ``label``: (N,) float; or (N, H) for a multi-task ranker, one column per head (``labels``
+  of ``to_tensors``, e.g. ESMM's click and click x buy).
 
 A batch is the same dict indexed by a tensor of row numbers: one gather per column.
 """
@@ -75,8 +76,10 @@ def history_tensors(lengths: np.ndarray, hist_item: np.ndarray, hist_cat: np.nda
     return t
 
 
-def to_tensors(frame: pl.DataFrame, spec: FeatureSpec) -> Batch:
-    """Encoded sample rows (see features/spec.py) -> the batch contract above."""
+def to_tensors(frame: pl.DataFrame, spec: FeatureSpec,
+               labels: tuple[str, ...] | None = None) -> Batch:
+    """Encoded sample rows (see features/spec.py) -> the batch contract above. ``labels``:
+    the columns that make ``label``, (N,) from one, (N, H) from H (None: ``label``)."""
     t: Batch = {}
     for f in spec.features:
         if f.kind == "categorical":
@@ -88,7 +91,12 @@ def to_tensors(frame: pl.DataFrame, spec: FeatureSpec) -> Batch:
                      for name in ("hist_item", "hist_cat", "hist_dt"))
     t |= history_tensors(frame["hist_item"].list.len().to_numpy().astype(np.int64), item, cat,
                          dt, spec.max_len)
-    t["label"] = torch.from_numpy(frame["label"].to_numpy().astype(np.float32))
+    if labels is None or len(labels) == 1:
+        t["label"] = torch.from_numpy(frame[labels[0] if labels else "label"].to_numpy()
+                                      .astype(np.float32))
+    else:
+        t["label"] = torch.from_numpy(np.stack([frame[c].to_numpy().astype(np.float32)
+                                                for c in labels], 1))
     return t
 
 
@@ -102,8 +110,9 @@ class TensorSplit:
         return int(self.tensors["label"].shape[0])
 
     @classmethod
-    def from_frame(cls, frame: pl.DataFrame, spec: FeatureSpec) -> TensorSplit:
-        return cls(to_tensors(frame, spec))
+    def from_frame(cls, frame: pl.DataFrame, spec: FeatureSpec,
+                   labels: tuple[str, ...] | None = None) -> TensorSplit:
+        return cls(to_tensors(frame, spec, labels))
 
     def batch(self, rows: torch.Tensor) -> Batch:
         return {k: v[rows] for k, v in self.tensors.items()}
