@@ -24,6 +24,7 @@ from bstrec.serving.config import PipelineConfig
 from bstrec.serving.guard import StoreGuard
 from bstrec.serving.pipeline import Pipeline
 from bstrec.training.checkpoint import load_checkpoint
+from tests.serving.fixtures import Artifacts
 
 
 def test_default_is_engagement_and_the_response_says_so(pipeline: Pipeline) -> None:
@@ -114,3 +115,19 @@ def test_a_multitask_bundle_serves_expected_revenue(esmm: Path, tmp_path: Path) 
                                (p["ctr"] * p["cvr"]).numpy() * price, rtol=1e-3)
     assert [i.score for i in rec.items] == sorted((i.score for i in rec.items), reverse=True)
     store.close()
+
+
+def test_bundle_build_refuses_an_objective_its_data_cannot_serve(artifacts: Artifacts,
+                                                                 tmp_path: Path) -> None:
+    runner = CliRunner()
+    # a click-only ranker has no conversion head
+    res = runner.invoke(cli, ["bundle", "build", "--samples", str(artifacts.samples),
+                              "--ranker", str(artifacts.ranker), "--out", str(tmp_path / "a"),
+                              "--set", "objective={kind: conversion}"])
+    assert res.exit_code != 0 and "needs a conversion head" in res.output
+    # a log without prices (synthetic-order) cannot rank by revenue
+    res = runner.invoke(cli, ["bundle", "build", "--samples", str(artifacts.samples),
+                              "--ranker", str(artifacts.ranker), "--out", str(tmp_path / "b"),
+                              "--set", "objective={kind: blend, cvr_weight: 0}"])
+    assert res.exit_code != 0 and "needs item prices" in res.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -227,6 +227,14 @@ def build_bundle(
     layers = _funnel_models(samples, prerank_checkpoint, light_checkpoint)
     _check_funnel(config, has_prerank="prerank" in layers, has_light="light" in layers,
                   where=str(out))
+    objective = config.objective
+    if config.ranking == "model" and objective.needs_cvr \
+            and not callable(getattr(ranker.model, "heads", None)):
+        raise BundleError(f"objective {objective.kind!r} needs a conversion head: "
+                          f"{ckpt_path} is a click-only {ranker.model_name} (train --model esmm)")
+    if objective.needs_price and "price" not in dataset.items.columns:
+        raise BundleError(f"objective {objective.kind!r} needs item prices: the items of "
+                          f"{samples_dir} have no price column")
     valid_path = Path(samples_dir) / "samples" / "valid.parquet"
     # predictions on rows the ranker did not fit: a served request is one it never saw
     reference = build_reference(
