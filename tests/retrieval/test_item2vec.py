@@ -81,6 +81,32 @@ def test_sessions_from_frame_follow_the_gap() -> None:
     assert len(offsets) - 1 == 3
 
 
+def test_positives_only_drops_the_label_0_behaviours() -> None:
+    log = group_log(n_users=3).with_columns(
+        label=(pl.int_range(pl.len()) % 2).cast(pl.Int64))  # every other behaviour a negative
+    every, _ = sessions_from_frame(log, Item2VecConfig())
+    kept, _ = sessions_from_frame(log, Item2VecConfig(positives_only=True))
+    assert len(kept) == int(log["label"].sum()) < len(every)
+
+
+def test_query_is_the_decayed_mean_of_the_latest_query_items() -> None:
+    vectors = np.zeros((6, 3), dtype=np.float32)
+    vectors[2:5] = np.eye(3)  # items 2, 3, 4: orthogonal unit vectors
+    hist = np.array([[2, 3, 4]])
+    mask = np.ones_like(hist, dtype=bool)
+
+    def query(**cfg: float) -> np.ndarray:
+        model = Item2Vec(Item2VecConfig(**cfg), vectors)  # type: ignore[arg-type]
+        return model.query_vectors(hist, mask)[0][0]
+
+    # only the latest query_items behaviours count
+    assert np.allclose(query(query_items=1), [0, 0, 1])
+    # each step back weighs query_decay times the next: 0.25, 0.5, 1 before normalising
+    want = np.array([0.25, 0.5, 1.0])
+    assert np.allclose(query(query_items=3, query_decay=0.5), want / np.linalg.norm(want))
+    assert np.allclose(query(query_items=3, query_decay=1.0), np.ones(3) / np.sqrt(3))
+
+
 def test_pairs_stay_inside_sessions_and_window() -> None:
     items = np.arange(2, 12, dtype=np.int64)
     offsets = np.array([0, 4, 10])

@@ -40,10 +40,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -252,17 +252,18 @@ def _served_scores(model: nn.Module, rows: pl.DataFrame, samples: SampleSet,
     import torch
 
     from bstrec.evaluation.objective import objective_scores
+    from bstrec.ranking.multitask import is_multitask
     from bstrec.training.loop import predict
-    from bstrec.training.tensors import TensorSplit
+    from bstrec.training.tensors import Batch, TensorSplit
 
     split = TensorSplit.from_frame(rows, samples.spec)
-    probabilities = getattr(model, "probabilities", None)  # ESMM's (ranking/multitask.py)
-    if not callable(probabilities):
+    if not is_multitask(model):
         return predict(model, split)
+    heads = cast(Callable[[Batch], tuple[torch.Tensor, torch.Tensor]], model.heads)
     model.eval()
     with torch.no_grad():
-        heads = [probabilities(b) for b in split.batches(4096)]
-    p_ctr, p_cvr = (torch.cat([h[k] for h in heads]).numpy() for k in ("ctr", "cvr"))
+        logits = [torch.stack(heads(b), 1) for b in split.batches(4096)]
+    p_ctr, p_cvr = torch.sigmoid(torch.cat(logits)).numpy().T
     price = None
     if config.objective.needs_price and samples.dataset is not None \
             and "price" in samples.dataset.items.columns:

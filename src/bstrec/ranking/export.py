@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from bstrec.features.spec import FeatureSpec
 from bstrec.ranking.bst import BST
+from bstrec.ranking.multitask import is_multitask
 from bstrec.ranking.prerank import PreRanker
 from bstrec.ranking.request import SEQUENCE_INPUTS, forward_request, item_names, shared_names
 
@@ -138,7 +139,7 @@ def export_heads(model: nn.Module, spec: FeatureSpec, path: str | Path,
                  heads: tuple[str, ...] = ("ctr", "cvr")) -> Path:
     """Write a multi-task ranker (``model.heads(batch)`` -> one (B,) logit per head, e.g.
     ESMM's CTR and CVR) as a batch graph with ``logits`` (B, len(heads)); returns path."""
-    if not callable(getattr(model, "heads", None)):
+    if not is_multitask(model):
         raise ValueError(f"{type(model).__name__} has no heads(batch): not a multi-task ranker")
     names = model_inputs(spec)
     example = example_batch(spec)

@@ -117,6 +117,12 @@ class ESMM(nn.Module):
         return {"ctr": p_ctr, "cvr": p_cvr, "ctcvr": p_ctr * p_cvr}
 
 
+def is_multitask(model: nn.Module) -> bool:
+    """Whether ``model`` gives one logit per head (``heads(batch)``, ESMM's) rather than one
+    click logit: what export, the bundle and its drift reference branch on."""
+    return callable(getattr(model, "heads", None))
+
+
 def build_esmm(spec: FeatureSpec, overrides: dict[str, object] | None = None) -> ESMM:
     """ESMM for ``spec`` from a config mapping (unknown keys are errors)."""
     from bstrec.config import from_dict

@@ -191,6 +191,7 @@ def build_bundle(
         export_request_ranker,
         splits_items,
     )
+    from bstrec.ranking.multitask import is_multitask
     from bstrec.retrieval.artifacts import fit_counting_sources
     from bstrec.retrieval.export import export_user_tower
     from bstrec.retrieval.train import item_vectors, load_retriever
@@ -229,7 +230,7 @@ def build_bundle(
                   where=str(out))
     objective = config.objective
     if config.ranking == "model" and objective.needs_cvr \
-            and not callable(getattr(ranker.model, "heads", None)):
+            and not is_multitask(ranker.model):
         raise BundleError(f"objective {objective.kind!r} needs a conversion head: "
                           f"{ckpt_path} is a click-only {ranker.model_name} (train --model esmm)")
     if objective.needs_price and "price" not in dataset.items.columns:
@@ -247,7 +248,7 @@ def build_bundle(
             for model, (batch_file, request_file, items_file) in (
                     (ranker.model, (RANKER, RANKER_REQUEST, RANKER_ITEMS)),
                     *((ck.model, _LAYER_FILES[name]) for name, (_, ck) in layers.items())):
-                if callable(getattr(model, "heads", None)):
+                if is_multitask(model):
                     # a multi-task ranker (ESMM): its heads' logits, served through the batch
                     # graph (no request-shaped one: the objective combines the heads)
                     export_heads(model, spec, tmp / batch_file)
