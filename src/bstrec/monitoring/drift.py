@@ -135,15 +135,17 @@ class CategoricalDistribution:
         s = _categorical(values)
         if s.is_empty():
             return cls(values=(), shares=(), other=0.0)
-        w = pl.Series("n", _weights(weights, len(s)))
-        counts = pl.DataFrame([s, w]).group_by(s.name).agg(pl.col("n").sum())
-        # ties broken by value, so that the same data always keeps the same top values
-        counts = counts.sort(["n", s.name], descending=[True, False])
-        head = counts.head(top)
-        n = float(w.sum())
-        return cls(values=tuple(head[s.name].to_list()),
-                   shares=tuple((head["n"] / n).to_list()),
-                   other=float(counts["n"][top:].sum()) / n)
+        w = _weights(weights, len(s))
+        # counted by NumPy in sorted-value order, not by a parallel group_by whose summation
+        # order varies between runs: the same data must give bit-identical shares
+        uniq, codes = np.unique(s.to_numpy(), return_inverse=True)
+        counts = np.bincount(codes.ravel(), weights=w, minlength=len(uniq))
+        # stable, so that ties keep value order and the same data keeps the same top values
+        order = np.argsort(-counts, kind="stable")
+        head, n = order[:top], float(w.sum())
+        return cls(values=tuple(str(v) for v in uniq[head]),
+                   shares=tuple((counts[head] / n).tolist()),
+                   other=float(counts[order[top:]].sum()) / n)
 
     def observed(self, values: Categories, weights: npt.ArrayLike | None = None) -> F64:
         """Shares of ``values`` (weighted by ``weights``, default 1 each) over this
