@@ -17,6 +17,7 @@ from bstrec.config import ConfigError, from_dict
 from bstrec.data.build import build
 from bstrec.data.schema import Dataset
 from bstrec.evaluation.objective import ObjectiveConfig
+from bstrec.features.online import ItemTable
 from bstrec.features.spec import N_RESERVED
 from bstrec.features.store import FeatureStore, StoreConfig, open_store
 from bstrec.serving.bundle import Bundle, load_bundle
@@ -33,7 +34,8 @@ def test_default_is_engagement_and_the_response_says_so(pipeline: Pipeline) -> N
     assert rec.objective == "engagement"
     # engagement on a single-head ranker is the click probability, untouched
     probs = np.array([0.3, 0.7], dtype=np.float32)
-    assert pipeline._objective(probs, np.array([N_RESERVED, N_RESERVED + 1])) is probs
+    assert pipeline._objective(probs, np.array([N_RESERVED, N_RESERVED + 1]), pipeline.table) \
+        is probs
 
 
 def test_objective_in_config() -> None:
@@ -64,7 +66,8 @@ def test_revenue_needs_a_conversion_head_and_reads_prices(bundle: Bundle,
     p.bundle, p.heads = revenue, ("ctr", "cvr")
     probs = np.array([[0.5, 0.1], [0.2, 0.5], [0.9, 0.9]], dtype=np.float32)
     # pCTR x pCVR x price; an item without a price earns nothing
-    assert np.allclose(p._objective(probs, idx), [0.5, 0.2, 0.0])
+    table = ItemTable.build(p.features, items)
+    assert np.allclose(p._objective(probs, idx, table), [0.5, 0.2, 0.0])
 
 
 # --- a multi-task ranker end to end: data build, train, bundle, serve ------------------------
@@ -114,6 +117,12 @@ def test_a_multitask_bundle_serves_expected_revenue(esmm: Path, tmp_path: Path) 
     np.testing.assert_allclose([i.score for i in rec.items],
                                (p["ctr"] * p["cvr"]).numpy() * price, rtol=1e-3)
     assert [i.score for i in rec.items] == sorted((i.score for i in rec.items), reverse=True)
+    # a price put through the store is served on the next request, without a new bundle
+    top = rec.items[0].item_id
+    store.put_items({top: {**store.items([top])[top], "price": 0.0}})
+    again = pipe.recommend(user, k=10, now=now)
+    assert top not in {i.item_id for i in again.items}
+    assert pipe.table.prices[pipe.table.indices([top])].tolist() == [0.0]
     store.close()
 
 

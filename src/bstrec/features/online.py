@@ -24,6 +24,7 @@ builder's helpers on arrays and its encoders' cached codes; the skew test checks
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 import torch
 
@@ -507,6 +509,18 @@ class ItemTable:
             {i: f for i, f in base.items() if i not in index}
         others.update({i: f for i, f in items.items() if i not in index})
         return ItemTable(self.online, feats, version, others)
+
+    @functools.cached_property
+    def prices(self) -> npt.NDArray[np.float64]:
+        """(V,) each vocabulary index's ``price`` feature (NaN: none), read from the same
+        features as the model's inputs, so that a price put through the store is served with
+        the table of that item version (computed once per table, on first use)."""
+        out = np.full(len(self.present), np.nan)
+        for i, f in self.features.items():
+            p = f.get("price")
+            if p is not None:
+                out[i] = float(p)
+        return out
 
     def indices(self, ids: Sequence[ItemId]) -> I64:
         index = self.vocab.index

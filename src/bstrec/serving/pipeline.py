@@ -309,20 +309,18 @@ class Pipeline:
         self._parts[layer] = (table, parts)  # one assignment: readers see the old pair or new
         return parts
 
-    def _objective(self, probs: F32, cand_idx: I64) -> F32:
+    def _objective(self, probs: F32, cand_idx: I64, table: ItemTable) -> F32:
         """The served objective's scores (N,) of the candidates from the ranker's (N,) pCTR or
-        (N, H) head probabilities; prices (for revenue) from the bundle's item table, an item
-        without one scoring 0 (evaluation/objective.py)."""
+        (N, H) head probabilities; prices (for revenue) from ``table``, the item table of the
+        request (the bundle's items overlaid with the store's), an item without one scoring 0
+        (evaluation/objective.py)."""
         objective = self.bundle.config.objective
         if probs.ndim == 1 and objective.kind == "engagement":
             return probs  # today's path: a single-head ranker's click probability
         heads = probs if probs.ndim == 2 else probs[:, None]
         p_ctr = heads[:, self.heads.index("ctr")]
         p_cvr = heads[:, self.heads.index("cvr")] if "cvr" in self.heads else None
-        price = None
-        if objective.needs_price:
-            raw = [self.bundle.items.get(self._raw(int(i)), {}).get("price") for i in cand_idx]
-            price = np.array([np.nan if p is None else float(p) for p in raw])
+        price = table.prices[cand_idx] if objective.needs_price else None
         out: F32 = objective_scores(objective, p_ctr, p_cvr, price).astype(np.float32)
         return out
 
@@ -421,7 +419,7 @@ class Pipeline:
             parts = self._item_parts(table)
             watch.lap("rank_features")
             scores = self._objective(self.bundle.ranker.score_request(
-                row, cand_inputs, None if parts is None else parts[cand_idx]), cand_idx)
+                row, cand_inputs, None if parts is None else parts[cand_idx]), cand_idx, table)
         else:
             watch.lap("rank_features")
         watch.lap("rank")
