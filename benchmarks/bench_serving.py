@@ -1,9 +1,11 @@
 """Serving benchmark (issue 5): the real HTTP server with the ML-1M bundle under loopback load.
 
 1. builds the ML-1M samples (P1) into ``WORKDIR/samples`` (reused when present);
-2. trains one epoch of BST (config overrides ``--ranker-config JSON``; or reuses ``--ranker
-   RUN_DIR``) and one epoch of the two-tower, at ``nice`` 5 so that a shared machine's other
-   jobs keep their share;
+2. trains one epoch of BST (by default the configuration select_rank.py chose on the P1 valid
+   split, read from ``benchmarks/results/select_ml1m-ctr.json``; other overrides with
+   ``--ranker-config JSON``; or reuses ``--ranker RUN_DIR``, e.g. that selection's
+   ``select/selected``) and one epoch of the two-tower, at ``nice`` 5 so that a shared machine's
+   other jobs keep their share;
 3. builds a bundle whose match quotas total ``--retrieved`` (500) and whose BST ranks
    ``--ranked`` (200) candidates per request; ``--variant int8`` serves the ranker with its
    MLP and attention matrices dynamically quantised to int8 (ONNX Runtime), after an AUC check
@@ -50,12 +52,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_samples, machine, now, timed, update_section, write_result
-from tune_bst import TRIALS
+from common import RESULTS, ROOT, ensure_samples, machine, now, timed, update_section, write_result
 
 GOAL_P99_MS, GOAL_CLIENTS = 20.0, 4
-# the BST served by default: chosen on the ML-1M valid split (tune_bst.py's serve_bn trial)
-SERVING_RANKER: dict[str, Any] = TRIALS["serve_bn"][0]
+# the BST served by default: what select_rank.py chose on the P1 valid split
+SELECTION = RESULTS / "select_ml1m-ctr.json"
 API_KEY = "bench-serving-key"
 STAGES = ("store", "features", "retrieve", "prerank", "rank_features", "rank", "rules")
 
@@ -71,6 +72,17 @@ def niced(args: list[str]) -> None:
     cmd = ["nice", "-n", "5", sys.executable, __file__, *args]
     print("  $", " ".join(cmd[3:]))
     subprocess.run(cmd, check=True)
+
+
+def selected_ranker(path: Path = SELECTION) -> dict[str, Any]:
+    """The trial that select_rank.py chose in ``path`` (its best BST trial when it chose a
+    baseline, since this benchmark serves BST): name, mean valid AUC, seeds, BST overrides."""
+    sel = json.loads(path.read_text())
+    name = sel["chosen"] if sel["chosen"] == sel["best_bst"] else sel["best_bst"]
+    trial = next(t for t in sel["selection"]["trials"] if t["name"] == name)
+    return {"file": str(path.relative_to(ROOT)), "trial": name,
+            "chosen": sel["chosen"], "mean_valid_auc": trial["mean_valid_auc"],
+            "seeds": sel["seeds"], "date": sel["date"], "overrides": trial["model_overrides"]}
 
 
 def ensure_ranker(work: Path, samples: Path, given: str | None, steps: int,
@@ -643,6 +655,22 @@ def summarize(level: Level) -> dict[str, Any]:
 
 # --- report ---------------------------------------------------------------------------------
 
+def ranker_origin(r: dict[str, Any]) -> str:
+    """Which BST configuration the server ran, and where it was chosen."""
+    if r["ranker_config"] is None:
+        return f"The ranker: the training run `{r['ranker_run']}`."
+    cfg = json.dumps(r["ranker_config"]) if r["ranker_config"] else "the paper's defaults"
+    sel = r.get("ranker_selection")
+    if not sel:
+        return f"The ranker: BST with overrides {cfg}, trained here for one epoch."
+    why = ("" if sel["trial"] == sel["chosen"] else
+           f"; the selection chose {sel['chosen']}, and this is its best BST trial")
+    return (f"The ranker is the trial select_rank.py chose on the P1 valid split, "
+            f"**{sel['trial']}** (BST overrides {cfg}; mean valid AUC "
+            f"{sel['mean_valid_auc']:.4f} over seeds {sel['seeds']}, `{sel['file']}` of "
+            f"{sel['date']}{why}), trained here for one epoch.")
+
+
 def markdown(r: dict[str, Any]) -> str:
     m, c = r["machine"], r["ranker_cost"]
     lv = r["concurrency"]
@@ -661,7 +689,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Each `/recommend` retrieves {r['retrieved']} candidates (two-tower + item-CF + "
         f"popular quotas) and BST-ranks {r['ranked']} in ONNX Runtime, {r['ort_threads']} "
         "intra-op thread(s); one server per ranker variant (fp32, or int8: "
-        "MatMul/Gemm weights dynamically quantised), each on a freshly seeded store.",
+        "MatMul/Gemm weights dynamically quantised), each on a freshly seeded store. "
+        + ranker_origin(r),
         "",
         "| server (ranker, uvicorn workers) | clients | p50 (ms) | p95 (ms) | p99 (ms) | "
         "requests/s | requests | errors | "
@@ -748,6 +777,8 @@ def markdown(r: dict[str, Any]) -> str:
     served = (req or c)["gflop"]  # FLOPs of what the server runs per request
     ranks = {name: var["concurrency"][at]["stages_ms"]["rank"]["p50"]
              for name, var in r["servers"].items()}
+    need = GOAL_CLIENTS / GOAL_P99_MS * 1e3 * served
+    peak = r["matmul"]["torch_1t_gflops"]
     lines += [
         "",
         "int8 GFLOP/s count the fp32 model's FLOPs. In the server, the rank stage's median at "
@@ -770,9 +801,13 @@ def markdown(r: dict[str, Any]) -> str:
            f" requests/s (measured {goal['requests_per_s']:.0f}) and each client waits about "
            f"{GOAL_CLIENTS / m['cores']:.0f} requests' CPU time"
            if goal and "server_cpu_ms_per_request" in goal else "")
-        + f". The BST itself needs {GOAL_CLIENTS / GOAL_P99_MS * 1e3 * served:.1f} GFLOP/s at "
-        f"that rate against a 1-thread GEMM peak of {r['matmul']['torch_1t_gflops']:.0f} GFLOP/s "
-        "measured in the same run: the ranker is no longer what limits the service.",
+        + f". The BST itself needs {need:.1f} GFLOP/s at that rate against a 1-thread GEMM "
+        f"peak of {peak:.0f} GFLOP/s measured in the same run ({need / peak:.0%} of it): "
+        + ("the ranker is not what limits the service." if need / peak < 0.25 else
+           f"the ranker is a large share of the server's CPU (rank stage {ranks[r['headline']]:.1f}"
+           f" ms of a request's {goal['server_cpu_ms_per_request']:.2f} ms at {at} clients)."
+           if goal and "server_cpu_ms_per_request" in goal else "the ranker is a large share "
+           "of the work."),
         "",
         f"**Goal: p99 under {GOAL_P99_MS:.0f} ms at {GOAL_CLIENTS} concurrent clients on 2 "
         f"cores: {'met' if met else 'not met'}** with `{r['headline']}` "
@@ -788,11 +823,11 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("BSTREC_DATA_DIR", "../shared/data"))
     ap.add_argument("--workdir", default="artifacts/bench_serving")
     ap.add_argument("--ranker", help="reuse a BST training run (or checkpoint) of these samples")
-    ap.add_argument("--ranker-config", type=json.loads, default=SERVING_RANKER, metavar="JSON",
+    ap.add_argument("--ranker-config", type=json.loads, metavar="JSON",
                     help='BST config overrides when the ranker is trained here (default: the '
-                    f'serving ranker chosen on valid AUC, {json.dumps(SERVING_RANKER)}; the '
-                    'request-shaped graph shares work across candidates with output "target" '
-                    'and one block; {} is the paper\'s BST)')
+                    f'trial select_rank.py chose on the P1 valid split, read from {SELECTION}; '
+                    'the request-shaped graph shares work across candidates with output '
+                    '"target" and one block; {} is the paper\'s BST)')
     ap.add_argument("--ranker-steps", type=int, default=0,
                     help="cap the one training epoch at this many steps (0: the whole epoch)")
     ap.add_argument("--retrieved", type=int, default=500)
@@ -827,6 +862,10 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--steps", type=int, default=0)
     args = ap.parse_args()
+    selection = None
+    if args.ranker_config is None and not args.ranker:
+        selection = selected_ranker()
+        args.ranker_config = selection["overrides"]
     if args.child:
         child(args.child, args.samples, args.out, args.steps, args.ranker_config)
         return
@@ -846,7 +885,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print("samples, ranker, two-tower, bundle ...")
     samples = ensure_samples("ml-1m", work / "samples", args.data_dir)
-    ranker = ensure_ranker(work, samples, args.ranker, args.ranker_steps, args.ranker_config)
+    ranker = ensure_ranker(work, samples, args.ranker, args.ranker_steps, args.ranker_config or {})
     two_tower = ensure_two_tower(work, samples)
     bundle = ensure_bundle(work, samples, ranker, two_tower, args.retrieved, args.ranked,
                            args.rebuild_bundle)
@@ -930,7 +969,7 @@ def main() -> None:
         "duration_s": args.duration, "warmup_s": args.warmup, "events_share": args.events_share,
         "server_warmup_s": args.server_warmup,
         "ranker_cost": cost, "matmul": peak, "candidate_rows": rows_ab,
-        "ranker_config": args.ranker_config,
+        "ranker_config": args.ranker_config, "ranker_selection": selection,
         "ranker_run": str(ranker), "ranker_training": (
             f"{train_result['result']['steps']} steps of batch "
             f"{train_result['train_config']['batch_size']}, valid AUC "

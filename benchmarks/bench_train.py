@@ -11,15 +11,25 @@ P1 samples (protocol ml1m-ctr; the synthetic-order dataset when the ML-1M files 
    ``make_optimizer``), timed per part, at 1 and 2 threads, interleaved round by round with the
    1024x1024 GEMM peak at the same thread count (bench_serving's ``matmul_peak`` timing);
 3. achieved GFLOP/s = FLOP/sample x samples/s, its share of the GEMM peak, and each part's
-   share of the step time.
+   share of the step time;
+4. with ``--compile``, the same steps of a ``torch.compile``'d copy of the model (same weights,
+   its own optimizer) in the same rounds, right after the eager steps: the ratio of the two is
+   measured side by side.
+
+The share depends on the machine as much as on the code: the GEMM peak grows with the vector
+width (AVX-512 against AVX2) while the attention kernel, dropout and the optimizer do not, so run
+it on the machine whose figure you quote; ``--name`` keeps one results file (and BENCHMARKS.md
+section) per machine.
 
     python benchmarks/bench_train.py --data-dir /work/shared/data
     python benchmarks/bench_train.py --samples /tmp/qs/samples --rounds 5 --steps 10
+    python benchmarks/bench_train.py --compile --name train_throughput_epyc
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -117,28 +127,36 @@ def count_flops(model: torch.nn.Module, split: Any, batch: int) -> dict[str, Any
                          "FLOP formula), elementwise ops, embedding lookups"}
 
 
-def measure(step: Stepper, threads: list[int], rounds: int, steps: int, warmup: int,
-            gemm_reps: int) -> dict[str, Any]:
-    """Rounds of (per thread count: GEMM peak, then ``steps`` training steps), interleaved."""
-    rows: dict[int, dict[str, list[float]]] = {
-        t: {"gemm_ms": [], "step_s": [], **{p: [] for p in PARTS}} for t in threads}
+def measure(steppers: dict[str, Stepper], threads: list[int], rounds: int, steps: int,
+            warmup: int, gemm_reps: int) -> dict[str, dict[str, Any]]:
+    """Rounds of (per thread count: GEMM peak, then ``steps`` training steps of each stepper),
+    interleaved; per stepper, per thread count, the medians and the rounds."""
+    rows: dict[str, dict[int, dict[str, list[float]]]] = {
+        mode: {t: {"gemm_ms": [], "step_s": [], **{p: [] for p in PARTS}} for t in threads}
+        for mode in steppers}
     for t in threads:
         torch.set_num_threads(t)
-        for _ in range(warmup):
-            step.step()
+        for step in steppers.values():
+            for _ in range(warmup):
+                step.step()
     for r in range(rounds):
         for t in threads:
             torch.set_num_threads(t)
-            rows[t]["gemm_ms"].append(gemm_ms(gemm_reps))
-            parts = [step.step() for _ in range(steps)]
-            for p in PARTS:
-                rows[t][p].append(statistics.median(x[p] for x in parts))
-            rows[t]["step_s"].append(statistics.median(sum(x.values()) for x in parts))
+            gemm = gemm_ms(gemm_reps)
+            for mode, step in steppers.items():
+                row = rows[mode][t]
+                row["gemm_ms"].append(gemm)
+                parts = [step.step() for _ in range(steps)]
+                for p in PARTS:
+                    row[p].append(statistics.median(x[p] for x in parts))
+                row["step_s"].append(statistics.median(sum(x.values()) for x in parts))
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{t}t step {rows[t]['step_s'][-1] * 1e3:.0f} ms gemm {rows[t]['gemm_ms'][-1]:.1f} ms"
-            for t in threads), flush=True)
-    return {str(t): {k: statistics.median(v) for k, v in d.items()} | {"rounds": d}
-            for t, d in rows.items()}
+            f"{t}t {mode} step {rows[mode][t]['step_s'][-1] * 1e3:.0f} ms"
+            for t in threads for mode in steppers) + ", gemm " + ", ".join(
+            f"{t}t {rows[next(iter(steppers))][t]['gemm_ms'][-1]:.1f} ms" for t in threads),
+            flush=True)
+    return {mode: {str(t): {k: statistics.median(v) for k, v in d.items()} | {"rounds": d}
+                   for t, d in by_t.items()} for mode, by_t in rows.items()}
 
 
 # op groups of the profile (self CPU time of torch.profiler's key averages), by op name prefix
@@ -208,7 +226,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gemm-reps", type=int, default=10)
     ap.add_argument("--optimizer", default="adam", choices=("adam", "adagrad"))
-    ap.add_argument("--name", default="train_throughput")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time a torch.compile'd copy of the model in the same rounds")
+    ap.add_argument("--name", default="train_throughput",
+                    help="results file benchmarks/results/NAME.json and BENCHMARKS.md section")
     args = ap.parse_args()
 
     from bstrec.data.samples import SampleSet
@@ -233,16 +254,27 @@ def main() -> None:
           + ", ".join(f"{k} {v / 1e6:.2f} M"
                       for k, v in flops["train_flop_per_sample_by_module"].items()), flush=True)
     saved = torch.get_num_threads()
-    stepper = Stepper(model, split, args.batch, args.optimizer)
-    timing = measure(stepper, args.threads, args.rounds, args.steps, args.warmup, args.gemm_reps)
-    profile = profile_ops(stepper, args.steps, min(args.threads), flops, args.batch)
+    steppers = {"eager": Stepper(model, split, args.batch, args.optimizer)}
+    if args.compile:
+        twin = copy.deepcopy(model)
+        steppers["compiled"] = Stepper(torch.compile(twin), split, args.batch,  # type: ignore[arg-type]
+                                       args.optimizer)
+        t0 = time.perf_counter()
+        steppers["compiled"].step()
+        compile_s = time.perf_counter() - t0
+        print(f"torch.compile: first step {compile_s:.1f} s", flush=True)
+    timing = measure(steppers, args.threads, args.rounds, args.steps, args.warmup,
+                     args.gemm_reps)
+    profile = profile_ops(steppers["eager"], args.steps, min(args.threads), flops, args.batch)
     torch.set_num_threads(saved)
-    res = summarize(timing, flops, args.batch)
-    for t, r in res.items():
-        print(f"{t} thread(s): {r['samples_per_s']:.0f} samples/s, {r['achieved_gflops']:.1f} "
-              f"GFLOP/s of a {r['gemm_peak_gflops']:.1f} GFLOP/s GEMM peak = "
-              f"{r['share_of_peak']:.1%}; step parts " + ", ".join(
-                  f"{p} {v:.1f} ms" for p, v in r["parts_ms"].items()))
+    modes = {mode: summarize(t, flops, args.batch) for mode, t in timing.items()}
+    res = modes["eager"]
+    for mode, by_t in modes.items():
+        for t, r in by_t.items():
+            print(f"{mode}, {t} thread(s): {r['samples_per_s']:.0f} samples/s, "
+                  f"{r['achieved_gflops']:.1f} GFLOP/s of a {r['gemm_peak_gflops']:.1f} GFLOP/s "
+                  f"GEMM peak = {r['share_of_peak']:.1%}; step parts " + ", ".join(
+                      f"{p} {v:.1f} ms" for p, v in r["parts_ms"].items()))
     best = max(r["share_of_peak"] for r in res.values())
     result = {
         "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
@@ -253,10 +285,13 @@ def main() -> None:
                 "backward, make_optimizer's step", "torch": torch.__version__,
         "rounds": args.rounds, "steps_per_round": args.steps, "gemm_n": GEMM_N,
         "flops": flops, "threads": res, "profile": profile, "goal_share": GOAL_SHARE,
+        **({"compiled": {"threads": modes["compiled"], "first_step_s": compile_s,
+                         "mode": "torch.compile defaults (inductor)"}}
+           if args.compile else {}),
         "goal_met": best >= GOAL_SHARE, "loadavg_end": list(os.getloadavg()),
     }
     path = write_result(args.name, json.loads(json.dumps(result, default=str)))
-    update_section("train_throughput", markdown(json.loads(path.read_text())))
+    update_section(args.name, markdown(json.loads(path.read_text())))
     print(f"wrote {path} and its BENCHMARKS.md section")
 
 
@@ -264,7 +299,7 @@ def markdown(res: dict[str, Any]) -> str:
     """The BENCHMARKS.md section of a results file."""
     f, m = res["flops"], res["machine"]
     lines = [
-        "## Training throughput against the matrix-multiply peak (issue 23)",
+        f"## Training throughput against the matrix-multiply peak (issue 23): {m['cpu']}",
         "",
         f"`{res['command']}` on {res['date']}, {m['cores']} cores ({m['cpu']}), load average "
         f"{', '.join(f'{x:.1f}' for x in res['loadavg_end'])} at the end; protocol "
@@ -284,6 +319,22 @@ def markdown(res: dict[str, Any]) -> str:
                            for k in ("forward", "backward", "optimizer", "data"))
         lines.append(f"| {t} | {r['samples_per_s']:.0f} | {r['achieved_gflops']:.1f} | "
                      f"{r['gemm_peak_gflops']:.1f} | {100 * r['share_of_peak']:.0f}% | {parts} |")
+    compiled = res.get("compiled")
+    if compiled:
+        ratios = []
+        for t, c in compiled["threads"].items():
+            e = res["threads"][t]["rounds"]["step_s"]
+            ratio = statistics.median(x / y for x, y in zip(e, c["rounds"]["step_s"], strict=True))
+            ratios.append(f"{ratio:.2f} at {t} thread(s)")
+            parts = " / ".join(f"{100 * c['parts_share_of_step'][k]:.1f}"
+                               for k in ("forward", "backward", "optimizer", "data"))
+            lines.append(f"| {t}, torch.compile | {c['samples_per_s']:.0f} | "
+                         f"{c['achieved_gflops']:.1f} | {c['gemm_peak_gflops']:.1f} | "
+                         f"{100 * c['share_of_peak']:.0f}% | {parts} |")
+        lines += ["", f"A compiled copy of the same model ({compiled['mode']}; its first step, "
+                  f"the compilation, took {compiled['first_step_s']:.0f} s), in the same rounds "
+                  "right after the eager steps: throughput compiled / eager, median of "
+                  "the per-round ratios, " + ", ".join(ratios) + "."]
     if "profile" in res:
         pr = res["profile"]
         peak = res["threads"][str(pr["threads"])]["gemm_peak_gflops"]
