@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ def process_group(device: str | torch.device = "cpu") -> Iterator[None]:
     dist.init_process_group(backend)
     try:
         yield
+        # every rank waits for the others (rank 0 writes the outputs) before any tears its
+        # connections down; after a failure there is no barrier: the launcher stops the others
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -302,3 +306,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    # a worker whose job is done leaves without the interpreter's finalization: torch's and
+    # gloo's C++ threads, torn down by static destructors there, aborted a rank now and then
+    # under load after its work was done ("terminate called without an active exception"),
+    # and the launcher then failed the whole job
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
