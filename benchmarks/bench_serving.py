@@ -78,7 +78,7 @@ def selected_ranker(path: Path = SELECTION) -> dict[str, Any]:
     """The trial that select_rank.py chose in ``path`` (its best BST trial when it chose a
     baseline, since this benchmark serves BST): name, mean valid AUC, seeds, BST overrides."""
     sel = json.loads(path.read_text())
-    name = sel["chosen"] if sel["chosen"] == sel["best_bst"] else sel["best_bst"]
+    name = sel["best_bst"]
     trial = next(t for t in sel["selection"]["trials"] if t["name"] == name)
     return {"file": str(path.relative_to(ROOT)), "trial": name,
             "chosen": sel["chosen"], "mean_valid_auc": trial["mean_valid_auc"],

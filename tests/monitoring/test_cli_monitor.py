@@ -58,7 +58,8 @@ def test_monitor_report_writes_the_report_with_its_plots(served_log: tuple[Path,
 def test_monitor_report_refuses_bad_input(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["monitor", "report", "--log", str(tmp_path / "none"),
                                    "--out", str(tmp_path / "r")])
-    assert res.exit_code == 2 and "no such folder" in res.output
+    # the console wraps lines at its width, and the temporary path's length varies
+    assert res.exit_code == 2 and "no such folder" in " ".join(res.output.split())
     tmp_path.joinpath("log").mkdir()
     res = CliRunner().invoke(cli, ["monitor", "report", "--log", str(tmp_path / "log"),
                                    "--since", "yesterday"])
