@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_samples, machine, now, timed, update_section, write_result
+from common import RESULTS, ensure_samples, machine, now, timed, update_section, write_result
 
 GOAL_SHARE = 0.5
 GEMM_N = 1024
@@ -228,9 +228,16 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adam", choices=("adam", "adagrad"))
     ap.add_argument("--compile", action="store_true",
                     help="also time a torch.compile'd copy of the model in the same rounds")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite the BENCHMARKS.md sections from the results files, run nothing")
     ap.add_argument("--name", default="train_throughput",
                     help="results file benchmarks/results/NAME.json and BENCHMARKS.md section")
     args = ap.parse_args()
+    if args.markdown_only:
+        for path in sorted(RESULTS.glob("train_throughput*.json")):
+            update_section(path.stem, markdown(json.loads(path.read_text())))
+        render_machines()
+        return
 
     from bstrec.data.samples import SampleSet
     from bstrec.ranking.bst import BST, BSTConfig
@@ -292,6 +299,7 @@ def main() -> None:
     }
     path = write_result(args.name, json.loads(json.dumps(result, default=str)))
     update_section(args.name, markdown(json.loads(path.read_text())))
+    render_machines()
     print(f"wrote {path} and its BENCHMARKS.md section")
 
 
@@ -349,6 +357,40 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", f"Goal: at least {100 * res['goal_share']:.0f}% of the peak: "
               f"{'met' if res['goal_met'] else 'not met'}."]
     return "\n".join(lines)
+
+
+def machines_markdown(runs: list[dict[str, Any]]) -> str:
+    """The comparison of the results files of several machines (``train_throughput*.json``)."""
+    lines = [
+        "### The same code on several machines",
+        "",
+        "| machine | samples/s, 1 thread | GEMM peak GFLOP/s, 1 thread | share of peak, by "
+        "threads | profiled step (ms): matrix multiplies / attention kernel / dropout's random "
+        "numbers | torch.compile / eager, by threads |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for r in runs:
+        one = r["threads"]["1"]
+        shares = ", ".join(f"{t}: {100 * x['share_of_peak']:.0f}%"
+                           for t, x in r["threads"].items())
+        ms = r["profile"]["groups_ms"]
+        profile = " / ".join(f"{ms[g]:.0f}" for g in OP_GROUPS)
+        compiled = ", ".join(f"{t}: {r['threads'][t]['step_ms'] / c['step_ms']:.2f}"
+                             for t, c in r["compiled"]["threads"].items()) \
+            if "compiled" in r else ""
+        lines.append(f"| {r['machine']['cpu']} ({r['date']}) | {one['samples_per_s']:,.0f} | "
+                     f"{one['gemm_peak_gflops']:.0f} | {shares} | {profile} | {compiled} |")
+    lines += ["", "Where the matrix multiplies are fast, what is not a matrix multiply (the "
+              "attention kernel, dropout's random numbers, elementwise ops) weighs more: the share "
+              "of peak is a property of the machine as much as of the code, so quote it with its "
+              "machine. torch.compile's ratio is of the medians here (the machine's own section "
+              "gives the median of per-round ratios)."]
+    return "\n".join(lines)
+
+
+def render_machines() -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("train_throughput*.json"))]
+    update_section("train_throughput_machines", machines_markdown(runs))
 
 
 if __name__ == "__main__":

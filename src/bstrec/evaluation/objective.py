@@ -16,14 +16,14 @@ they score 0 and rank last. Offline, ``revenue_at_k`` is what the top K of each 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 Objective = Literal["engagement", "conversion", "revenue", "blend"]
-OBJECTIVES: tuple[str, ...] = ("engagement", "conversion", "revenue", "blend")
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 # (ctr, cvr, price) exponents of each named objective
 _EXPONENTS = {"engagement": (1.0, 0.0, 0.0), "conversion": (1.0, 1.0, 0.0),
               "revenue": (1.0, 1.0, 1.0)}

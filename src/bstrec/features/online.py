@@ -24,7 +24,6 @@ builder's helpers on arrays and its encoders' cached codes; the skew test checks
 
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 from collections import OrderedDict
@@ -33,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import polars as pl
 import torch
 
@@ -481,9 +479,15 @@ class ItemTable:
             self.multi.append((lengths, pad_flat(lengths, flat, max(1, int(lengths.max())),
                                                  right_align=False)))
         cat: list[str | None] = [None] * v
+        # (V,) each item's ``price`` feature (NaN: none), for the revenue objective: read from
+        # the same features as the model's inputs, so that a price put through the store is
+        # served with the table of that item version
+        self.prices = np.full(v, np.nan)
         for i, f in features.items():
-            c = f.get("category")
+            c, p = f.get("category"), f.get("price")
             cat[i] = None if c is None else str(c)
+            if p is not None:
+                self.prices[i] = float(p)
         self.categories: list[str | None] = cat
         self.item_pos = online.item_cats.index("item")
         self.cat_pos = online.item_cats.index("category")
@@ -509,18 +513,6 @@ class ItemTable:
             {i: f for i, f in base.items() if i not in index}
         others.update({i: f for i, f in items.items() if i not in index})
         return ItemTable(self.online, feats, version, others)
-
-    @functools.cached_property
-    def prices(self) -> npt.NDArray[np.float64]:
-        """(V,) each vocabulary index's ``price`` feature (NaN: none), read from the same
-        features as the model's inputs, so that a price put through the store is served with
-        the table of that item version (computed once per table, on first use)."""
-        out = np.full(len(self.present), np.nan)
-        for i, f in self.features.items():
-            p = f.get("price")
-            if p is not None:
-                out[i] = float(p)
-        return out
 
     def indices(self, ids: Sequence[ItemId]) -> I64:
         index = self.vocab.index

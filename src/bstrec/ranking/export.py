@@ -96,13 +96,8 @@ class _RequestPositional(nn.Module):
                                dict(zip(self.items, xs[n:], strict=True)))
 
 
-class _Heads(nn.Module):
+class _Heads(_Positional):
     """Positional tensors -> a multi-task ranker's head logits stacked (B, H)."""
-
-    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.model = model
-        self.names = names
 
     def forward(self, *xs: Tensor) -> Tensor:
         # nn.Module's attribute typing knows no methods of a subclass
