@@ -149,7 +149,7 @@ def breached_alerts(url: str) -> dict[str, float]:
 
 def run_replay(samples: Path, url: str, args: argparse.Namespace, limit: int,
                **config: Any) -> ReplayResult:
-    cfg = ReplayConfig(k=args.k, window_s=args.window_s, limit=limit, seed_history=False,
+    cfg = ReplayConfig(k=args.k, window_s=args.window_s, limit=limit or None, seed_history=False,
                        api_key=API_KEY, **config)
     return replay(samples, url, cfg, progress=True)
 
@@ -352,7 +352,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"`{r['command']}` on {r['date']}, {m['cores']} cores ({m['cpu']}); the runs not "
         "named by `--parts` are the workdir's last ones (`part-*.json`, same samples and "
         "ranker). Replay of the "
-        f"first {r['limit']} test behaviours in time order (k = {r['k']}, click window "
+        + (f"first {r['limit']} test behaviours" if r["limit"]
+           else f"whole test period ({rep['requests']} behaviours)")
+        + f" in time order (k = {r['k']}, click window "
         f"{r['window_s'] / DAY_S:g} days), each run from the same store seeded with the history "
         "before the test period.", "",
         f"- **Replay (A/B run)**: {rep['requests']} requests, {rep['clicks']} clicks "
@@ -393,7 +395,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"alternating): p99 {o['p99_on_ms']:.2f} ms with the impression log against "
             f"{o['p99_off_ms']:.2f} ms without, ratio of medians "
             f"**{o['ratio_of_medians']:.3f}** (median of per-round ratios "
-            f"{o['ratio_median_of_rounds']:.3f}); goal under 1.10; failed requests "
+            f"{o['ratio_median_of_rounds']:.3f}); goal under 1.10: "
+            f"**{'met' if o['ratio_of_medians'] < 1.10 else 'not met'}**; failed requests "
             f"{sum(x['errors'] for x in o['rounds'])}.")
     return "\n".join(lines) + "\n"
 
@@ -403,7 +406,8 @@ def main() -> None:
     ap.add_argument("--protocol", default="ml1m-ctr", choices=list(DATASETS))
     ap.add_argument("--samples", help="samples folder (default: built under the workdir)")
     ap.add_argument("--ranker", help="BST training run (default: one epoch trained here)")
-    ap.add_argument("--limit", type=int, default=20_000, help="test behaviours replayed")
+    ap.add_argument("--limit", type=int, default=20_000,
+                    help="test behaviours replayed (0: the whole test period)")
     ap.add_argument("--fault-limit", type=int, default=3_000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--window-s", type=float, default=7 * DAY_S)

@@ -12,9 +12,10 @@ seen items excluded; catalog = every movie seen in train):
   taken from two_tower and item_cf in proportion), and the share of targets each source put
   into it;
 - item2vec (skip-gram over sessions, retrieval/item2vec.py) trained by both backends (gensim,
-  torch) for ``--seeds`` seeds each: train time and valid Recall/NDCG; the backend kept for the
-  test rows is the faster one unless the other's mean valid Recall@50 is higher by more than
-  ``--equal-recall`` (selection on valid, test once);
+  torch) over a grid of learning rates and epochs each (``--item2vec-grid``), ``--seeds``
+  seeds a cell: train time and valid Recall/NDCG; the model kept for the test rows is the
+  fastest cell whose mean valid Recall@50 is within ``--equal-recall`` of the best cell's (the
+  faster at equal recall; selection on valid, test once);
 - the full funnel: the merged candidates pre-ranked by the two-tower's dot product, the top
   ``--rerank`` of them ranked with a BST ranker trained by ``train_ranker("bst", ...)`` (see
   ``funnel``), followed by the rest in pre-rank order.
@@ -69,6 +70,16 @@ from bstrec.training.task import train_ranker
 from common import RESULTS, machine, now, update_section, write_result
 
 DATASETS = {"ml1m-retrieval": "ml-1m", "ml100k-retrieval": "ml-100k"}
+# item2vec cells per backend (overrides of Item2VecConfig), the library's former defaults first
+# (word2vec's alpha for gensim); the others bracket where scratch runs on both MovieLens
+# protocols' valid queries put each backend's recall and time (gensim diverged on ML-1M at
+# alpha 0.2 and above, and gained on both up to 40 epochs at 0.1)
+ITEM2VEC_GRID: dict[str, list[dict[str, Any]]] = {
+    "torch": [{"lr": 0.01, "epochs": 10}, {"lr": 0.03, "epochs": 5}, {"lr": 0.03, "epochs": 10},
+              {"lr": 0.03, "epochs": 20}],
+    "gensim": [{"lr": 0.025, "epochs": 10}, {"lr": 0.1, "epochs": 10}, {"lr": 0.1, "epochs": 20},
+               {"lr": 0.1, "epochs": 40}, {"lr": 0.2, "epochs": 20}],
+}
 RANKER_TRAIN = {"max_epochs": 1, "batch_size": 512, "patience": 0}
 console = Console(stderr=True)
 
@@ -298,45 +309,52 @@ def item2vec_list(model: Item2Vec, catalog: Catalog, queries: QuerySet, k: int =
 
 def compare_item2vec(samples: SampleSet, catalog: Catalog, valid: QuerySet,
                      args: argparse.Namespace) -> tuple[Item2Vec, dict[str, Any]]:
-    """item2vec trained by each backend for ``args.seeds`` seeds: train seconds and valid
-    metrics. The faster backend (mean seconds) is kept unless the other's mean valid Recall@50
-    is higher by more than ``args.equal_recall``; its seed-0 model is returned."""
+    """item2vec trained by each backend over its cells of ``args.item2vec_grid`` (learning rate
+    and epochs), ``args.seeds`` seeds a cell: train seconds and valid metrics.
+
+    The rule is "the faster at equal recall", and each backend's speed and recall both hang on
+    its own learning rate and epochs (results/retrieval_*.json, "item2vec": gensim at
+    word2vec's alpha of 0.025 stays far below torch), so backends are compared cell by cell: a
+    cell has "equal recall" when its mean valid Recall@50 is within ``args.equal_recall`` of the
+    best cell's, and the kept cell is the fastest of those (mean seconds). Its seed-0 model is
+    returned."""
     train = samples.splits["train"]
-    runs: dict[str, list[dict[str, Any]]] = {}
-    models: dict[str, Item2Vec] = {}
+    cells: list[dict[str, Any]] = []
+    models: list[Item2Vec] = []
     for backend in args.item2vec_backends:
-        for seed in range(args.seeds):
-            cfg = from_dict(Item2VecConfig, {**args.item2vec, "backend": backend, "seed": seed},
-                            where="--item2vec")
-            m = Item2Vec.fit(train, catalog.size, cfg)
-            met = list_metrics(item2vec_list(m, catalog, valid), valid.targets)
-            runs.setdefault(backend, []).append(
-                {"seed": seed, "seconds": m.info["seconds"],
-                 **{f"valid_{k}": round(v, 4) for k, v in met.items()}})
-            console.log(f"item2vec {backend} seed {seed}: {m.info['seconds']:.1f} s, "
-                        f"valid recall@50 {met['recall@50']:.4f}")
-            if seed == 0:
-                models[backend] = m
-    summary = {b: {"seconds_mean": round(float(np.mean([r["seconds"] for r in rs])), 2),
-                   "valid_recall@50_mean": round(float(np.mean([r["valid_recall@50"]
-                                                                for r in rs])), 4),
-                   "valid_recall@50_std": round(float(np.std([r["valid_recall@50"]
-                                                              for r in rs])), 4),
-                   "valid_ndcg@10_mean": round(float(np.mean([r["valid_ndcg@10"]
-                                                              for r in rs])), 4)}
-               for b, rs in runs.items()}
-    by_speed = sorted(summary, key=lambda b: summary[b]["seconds_mean"])
-    kept = by_speed[0]
-    for other in by_speed[1:]:
-        if summary[other]["valid_recall@50_mean"] > (summary[kept]["valid_recall@50_mean"]
-                                                     + args.equal_recall):
-            kept = other
+        for cell in args.item2vec_grid[backend]:
+            runs = []
+            for seed in range(args.seeds):
+                cfg = from_dict(Item2VecConfig, {**args.item2vec, **cell, "backend": backend,
+                                                 "seed": seed}, where="--item2vec")
+                m = Item2Vec.fit(train, catalog.size, cfg)
+                met = list_metrics(item2vec_list(m, catalog, valid), valid.targets)
+                runs.append({"seed": seed, "seconds": m.info["seconds"],
+                             **{f"valid_{k}": round(v, 4) for k, v in met.items()}})
+                console.log(f"item2vec {backend} {cell} seed {seed}: {m.info['seconds']:.1f} s, "
+                            f"valid recall@50 {met['recall@50']:.4f}")
+                if seed == 0:
+                    models.append(m)
+            r50 = [r["valid_recall@50"] for r in runs]
+            cells.append({"backend": backend, "lr": models[-1].config.start_lr,
+                          "epochs": models[-1].config.n_epochs,
+                          "seconds_mean": round(float(np.mean([r["seconds"] for r in runs])), 2),
+                          "valid_recall@50_mean": round(float(np.mean(r50)), 4),
+                          "valid_recall@50_std": round(float(np.std(r50)), 4),
+                          "valid_ndcg@10_mean": round(float(np.mean([r["valid_ndcg@10"]
+                                                                     for r in runs])), 4),
+                          "runs": runs})
+    best = max(c["valid_recall@50_mean"] for c in cells)
+    for c in cells:
+        c["equal_recall"] = c["valid_recall@50_mean"] >= best - args.equal_recall
+    kept = min((i for i, c in enumerate(cells) if c["equal_recall"]),
+               key=lambda i: cells[i]["seconds_mean"])
     model = models[kept]
-    return model, {"kept": kept, "rule": f"faster unless another backend's mean valid "
-                   f"Recall@50 is higher by > {args.equal_recall}",
+    return model, {"kept": cells[kept]["backend"], "kept_cell": kept,
+                   "rule": f"the fastest cell whose mean valid Recall@50 is within "
+                   f"{args.equal_recall} of the best cell's",
                    "config": dataclasses.asdict(model.config), "train_info": model.info,
-                   "backends": summary, "runs": runs, "quota": args.item2vec_quota,
-                   "seeds": args.seeds}
+                   "cells": cells, "quota": args.item2vec_quota, "seeds": args.seeds}
 
 
 ABLATIONS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
@@ -388,31 +406,41 @@ def ablation_markdown(r: dict[str, Any]) -> list[str]:
 
 
 def item2vec_markdown(r: dict[str, Any]) -> list[str]:
-    """The item2vec paragraph of one protocol: backends compared on valid, the kept one's
-    share of the merged+item2vec targets."""
+    """The item2vec paragraph of one protocol: the backends' cells compared on valid, the kept
+    one's share of the merged+item2vec targets."""
     iv = r["item2vec"]
     cfg = iv["config"]
     quotas = r["config"]["candidates_item2vec"]["quotas"]
     found = r["merged_item2vec_target_found_by"]
+    cells = iv["cells"]
     lines = [f"item2vec (skip-gram with negative sampling over sessions cut at gaps over "
              f"{cfg['session_gap_minutes']:g} min; dim {cfg['dim']}, window {cfg['window']}, "
-             f"{cfg['negatives']} negatives, {cfg['epochs']} epochs; query = decayed mean of the "
-             f"{cfg['query_items']} latest behaviours' vectors, searched in an exact index), "
-             f"{iv['seeds']} seeds per backend, valid queries:", "",
-             "| backend | train time (s, mean) | valid Recall@50 (mean ± std) | valid NDCG@10 |",
-             "|---|---:|---:|---:|"]
-    for b, v in iv["backends"].items():
-        lines.append(f"| {b}{' (kept)' if b == iv['kept'] else ''} | {v['seconds_mean']:.1f} | "
-                     f"{v['valid_recall@50_mean']:.4f} ± {v['valid_recall@50_std']:.4f} | "
-                     f"{v['valid_ndcg@10_mean']:.4f} |")
-    bk = iv["backends"]
-    fastest = min(bk, key=lambda b: bk[b]["seconds_mean"])
-    why = "the fastest" if fastest == iv["kept"] else (
-        f"{fastest} was faster, by {bk[iv['kept']]['seconds_mean'] / bk[fastest]['seconds_mean']:.1f}x, "
-        f"but {iv['kept']}'s valid Recall@50 is higher by "
-        f"{bk[iv['kept']]['valid_recall@50_mean'] - bk[fastest]['valid_recall@50_mean']:.4f}")
-    lines += ["", f"Kept: {iv['kept']} ({why}; rule: {iv['rule']}); its seed-0 model gives the "
-              "test rows "
+             f"{cfg['negatives']} negatives; query = decayed mean of the {cfg['query_items']} "
+             f"latest behaviours' vectors, searched in an exact index); each backend over a "
+             f"grid of learning rates (torch: Adam; gensim: word2vec's alpha, decayed linearly) "
+             f"and epochs, {iv['seeds']} seeds a cell, {cfg['threads']} thread, valid queries:",
+             "",
+             "| backend | lr | epochs | train time (s, mean) | valid Recall@50 (mean ± std) "
+             "| valid NDCG@10 | equal recall |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for i, c in enumerate(cells):
+        lines.append(f"| {c['backend']}{' (kept)' if i == iv['kept_cell'] else ''} | {c['lr']:g} "
+                     f"| {c['epochs']} | {c['seconds_mean']:.1f} | "
+                     f"{c['valid_recall@50_mean']:.4f} ± {c['valid_recall@50_std']:.4f} | "
+                     f"{c['valid_ndcg@10_mean']:.4f} | {'yes' if c['equal_recall'] else ''} |")
+    k = cells[iv["kept_cell"]]
+    others = []
+    for b in dict.fromkeys(c["backend"] for c in cells):
+        if b == k["backend"]:
+            continue
+        eq = [c for c in cells if c["backend"] == b and c["equal_recall"]]
+        others.append(f"{b}'s fastest cell at equal recall took "
+                      f"{min(c['seconds_mean'] for c in eq):.1f} s" if eq else
+                      f"no {b} cell reached equal recall (its best: "
+                      f"{max(c['valid_recall@50_mean'] for c in cells if c['backend'] == b):.4f})")
+    lines += ["", f"Kept: {k['backend']}, lr {k['lr']:g}, {k['epochs']} epochs "
+              f"({k['seconds_mean']:.1f} s; rule: {iv['rule']}"
+              + "".join(f"; {o}" for o in others) + "); its seed-0 model gives the test rows "
               "`item2vec` and `merged+item2vec` (quotas "
               + " / ".join(f"{n} {q}" for n, q in quotas) + "). Targets in merged+item2vec, by "
               "the sources that proposed them: "
@@ -504,7 +532,10 @@ def main() -> None:
                     choices=["torch", "gensim"])
     ap.add_argument("--item2vec-quota", type=int, default=100,
                     help="item2vec's quota in merged+item2vec (taken from two_tower, item_cf)")
-    ap.add_argument("--seeds", type=int, default=3, help="item2vec seeds per backend")
+    ap.add_argument("--item2vec-grid", type=json.loads, default=ITEM2VEC_GRID,
+                    help="per backend, the list of item2vec overrides (cells) to compare, as "
+                    "JSON; default: ITEM2VEC_GRID")
+    ap.add_argument("--seeds", type=int, default=3, help="item2vec seeds per grid cell")
     ap.add_argument("--equal-recall", type=float, default=0.005,
                     help="valid Recall@50 difference under which backends count as equal")
     ap.add_argument("--ablation", action="store_true",
@@ -512,6 +543,8 @@ def main() -> None:
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite the BENCHMARKS.md section from the saved results, run nothing")
     args = ap.parse_args()
+    if missing := [b for b in args.item2vec_backends if not args.item2vec_grid.get(b)]:
+        ap.error(f"--item2vec-grid has no cells for {', '.join(missing)}")
     results = []
     if args.ablation:
         for protocol in args.protocols:

@@ -626,7 +626,8 @@ def train_retriever_cmd(
         "(`similar --by sessions`, a candidate source)")] = False,
     item2vec_set: Annotated[list[str] | None, typer.Option(
         "--item2vec-set", help="item2vec override, repeatable (implies --item2vec): "
-        "backend=torch|gensim, session_gap_minutes=30, dim=64, window=5, epochs=10, ...")] = None,
+        "backend=torch|gensim, session_gap_minutes=30, dim=64, window=5, lr=..., "
+        "epochs=..., ...")] = None,
 ) -> None:
     """Train the two-tower (valid Recall@K picks the epoch), fit item-CF and popularity."""
     from bstrec.distributed.ddp import DistributedError, Job, launched_rank, run_job

@@ -55,6 +55,16 @@ def test_monitor_report_writes_the_report_with_its_plots(served_log: tuple[Path,
     assert window["shadow_rows"] > 0  # the shadow bundle's rankings are read, not counted
 
 
+def test_monitor_report_default_window_is_the_replays(served_log: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
+    # a click is judged with the window the replay used to click, unless told otherwise
+    res = CliRunner().invoke(cli, ["monitor", "report", "--log", str(served_log[0]),
+                                   "--out", str(tmp_path / "r")])
+    assert res.exit_code in (0, 1), res.output
+    window = json.loads((tmp_path / "r" / "report.json").read_text())["window"]
+    assert window["click_window_s"] == ReplayConfig().window_s
+
+
 def test_monitor_report_refuses_bad_input(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["monitor", "report", "--log", str(tmp_path / "none"),
                                    "--out", str(tmp_path / "r")])

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bstrec.monitoring.impressions import (
+    _CONVERT_ROWS,
     EventRow,
     ImpressionLog,
     ImpressionLogConfig,
@@ -64,6 +65,16 @@ def test_rows_wait_for_a_full_batch_then_are_written(tmp_path: Path) -> None:
         row = frame.row(0, named=True)
         assert row == {**impression("r1", 0)}  # every column round-trips, lists and nulls too
         assert frame["prerank_score"].null_count() == 3  # positions 1, 2 of r1 and 1 of r2
+
+
+def test_a_batch_converted_in_slices_keeps_every_row_in_order(tmp_path: Path) -> None:
+    # the writer converts a batch a slice at a time (handing the GIL back in between)
+    n = 2 * _CONVERT_ROWS + 7
+    rows = [impression(f"r{i}", i % 10, ts=float(i)) for i in range(n)]
+    with ImpressionLog(config(tmp_path, flush_rows=n)) as log:
+        log.log_impressions(rows)
+        wait_for(lambda: log.rows_written["impressions"] == n)
+    assert read_log(tmp_path).to_dicts() == [{**r} for r in rows]
 
 
 def test_the_interval_writes_a_partial_batch(tmp_path: Path) -> None:

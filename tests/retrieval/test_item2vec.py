@@ -20,6 +20,8 @@ from bstrec.retrieval.catalog import Catalog, QuerySet
 from bstrec.retrieval.coldstart import REGULAR, route
 from bstrec.retrieval.index import FaissIndex
 from bstrec.retrieval.item2vec import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
     Item2Vec,
     Item2VecConfig,
     sessions_from_frame,
@@ -184,6 +186,20 @@ def test_min_count_and_config_errors() -> None:
         Item2VecConfig(backend="fasttext")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_items"):
         Item2Vec.fit(log, 5, Item2VecConfig(epochs=1))
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        Item2VecConfig(epochs=0)
+
+
+def test_learning_rate_and_epochs_default_per_backend() -> None:
+    # each backend's own defaults (gensim's alpha is not an Adam step size); given ones win
+    for backend in ("torch", "gensim"):
+        cfg = Item2VecConfig(backend=backend)  # type: ignore[arg-type]
+        assert (cfg.start_lr, cfg.n_epochs) == (DEFAULT_LR[backend], DEFAULT_EPOCHS[backend])
+        cfg = Item2VecConfig(backend=backend, lr=0.5, epochs=3)  # type: ignore[arg-type]
+        assert (cfg.start_lr, cfg.n_epochs) == (0.5, 3)
+    # a fitted model records the values it trained with, not "the default"
+    model = Item2Vec.fit(group_log(n_users=5), N_ITEMS, Item2VecConfig(dim=4))
+    assert (model.config.lr, model.config.epochs) == (DEFAULT_LR["torch"], DEFAULT_EPOCHS["torch"])
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:

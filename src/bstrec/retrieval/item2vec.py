@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,8 +41,12 @@ I64 = npt.NDArray[np.int64]
 Backend = Literal["gensim", "torch"]
 # the starting learning rate when ``lr`` is not given: word2vec's alpha for gensim (decayed
 # linearly to 1e-4 of it), an Adam step size for torch (Adam's steps are per-coordinate
-# normalised, so the two numbers do not mean the same thing)
-DEFAULT_LR: dict[str, float] = {"gensim": 0.025, "torch": 0.01}
+# normalised, so the two numbers do not mean the same thing). These and the epochs are the
+# cells of bench_retrieval.py's grid that did well on both MovieLens protocols' valid queries
+# (results/retrieval_*.json, "item2vec"): word2vec's own alpha of 0.025, made for text corpora
+# many times larger, left gensim at half of torch's recall on both.
+DEFAULT_LR: dict[str, float] = {"gensim": 0.1, "torch": 0.03}
+DEFAULT_EPOCHS: dict[str, int] = {"gensim": 40, "torch": 10}
 META = "item2vec.json"
 ARRAYS = "item2vec.npz"
 INDEX = "index"
@@ -60,7 +64,7 @@ class Item2VecConfig:
     ns_exponent: float = 0.75  # negatives ~ count ** ns_exponent
     subsample: float = 1e-3  # word2vec's frequent-item downsampling threshold; 0 = none
     min_count: int = 1  # items seen fewer times in train get no vector (never proposed)
-    epochs: int = 10
+    epochs: int | None = None  # None: DEFAULT_EPOCHS of the backend
     lr: float | None = None  # None: DEFAULT_LR of the backend
     batch_size: int = 4096  # torch: pairs per step (gensim reads whole sessions)
     positives_only: bool = False  # sessions of label-1 behaviours only
@@ -74,7 +78,7 @@ class Item2VecConfig:
             raise ValueError(f"backend must be gensim|torch, got {self.backend!r}")
         for name in ("dim", "window", "negatives", "min_count", "epochs", "batch_size",
                      "query_items", "threads"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.session_gap_minutes <= 0:
             raise ValueError("session_gap_minutes must be > 0")
@@ -86,6 +90,10 @@ class Item2VecConfig:
     @property
     def start_lr(self) -> float:
         return DEFAULT_LR[self.backend] if self.lr is None else self.lr
+
+    @property
+    def n_epochs(self) -> int:
+        return DEFAULT_EPOCHS[self.backend] if self.epochs is None else self.epochs
 
 
 # --- sessions -------------------------------------------------------------------------------
@@ -208,7 +216,7 @@ def _train_torch(items: I64, offsets: I64, n_items: int, cfg: Item2VecConfig
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        for _ in range(cfg.epochs):
+        for _ in range(cfg.n_epochs):
             c, o = skipgram_pairs(items, offsets, cfg.window, rng, keep)
             ok = valid[c] & valid[o]
             c, o = c[ok], o[ok]
@@ -247,7 +255,7 @@ def _train_gensim(items: I64, offsets: I64, n_items: int, cfg: Item2VecConfig
                 zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
     model = Word2Vec(sessions, vector_size=cfg.dim, window=cfg.window, negative=cfg.negatives,
                      ns_exponent=cfg.ns_exponent, sample=cfg.subsample, min_count=cfg.min_count,
-                     epochs=cfg.epochs, alpha=cfg.start_lr, min_alpha=cfg.start_lr * 1e-4,
+                     epochs=cfg.n_epochs, alpha=cfg.start_lr, min_alpha=cfg.start_lr * 1e-4,
                      sg=1, hs=0, workers=cfg.threads, seed=cfg.seed)
     vecs = np.zeros((n_items, cfg.dim), dtype=np.float32)
     keys = model.wv.index_to_key
@@ -296,6 +304,8 @@ class Item2Vec:
         """From encoded sample rows (``user_id``, ``item_id``, ``item``, ``timestamp``,
         ``label``) of the train split; ``n_items`` = N."""
         cfg = config or Item2VecConfig()
+        # the backend's defaults written out, so that the saved model says what trained it
+        cfg = replace(cfg, lr=cfg.start_lr, epochs=cfg.n_epochs)
         items, offsets = sessions_from_frame(frame, cfg)
         if len(items) and int(items.max()) >= n_items:
             raise ValueError(f"item ids reach {int(items.max())}, beyond n_items={n_items}")

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # ``impression_flush_rows`` rows or every ``impression_flush_s`` seconds, flushed at
     # shutdown; None: nothing is logged
     impression_log: Path | None = None
-    impression_flush_rows: int = Field(1_000, ge=1)
+    impression_flush_rows: int = Field(20_000, ge=1)  # ImpressionLogConfig says why
     impression_flush_s: float = Field(5.0, gt=0)
     # rows waiting for the log's writer at most; past it rows are dropped and counted on /metrics
     impression_max_queued_rows: int = Field(200_000, ge=1)
