@@ -71,9 +71,9 @@ from common import RESULTS, machine, now, update_section, write_result
 
 DATASETS = {"ml1m-retrieval": "ml-1m", "ml100k-retrieval": "ml-100k"}
 # item2vec cells per backend (overrides of Item2VecConfig), the library's former defaults first
-# (word2vec's alpha for gensim); the others bracket where scratch runs on both MovieLens
-# protocols' valid queries put each backend's recall and time (gensim diverged on ML-1M at
-# alpha 0.2 and above, and gained on both up to 40 epochs at 0.1)
+# (word2vec's alpha for gensim); the others bracket each backend's best recall and time on
+# both MovieLens protocols' valid queries (results/retrieval_*.json, "item2vec": gensim
+# diverged on ML-1M at alpha 0.2, and gained on both up to 40 epochs at 0.1)
 ITEM2VEC_GRID: dict[str, list[dict[str, Any]]] = {
     "torch": [{"lr": 0.01, "epochs": 10}, {"lr": 0.03, "epochs": 5}, {"lr": 0.03, "epochs": 10},
               {"lr": 0.03, "epochs": 20}],

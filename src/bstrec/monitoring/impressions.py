@@ -319,9 +319,9 @@ class ImpressionLog:
     @staticmethod
     def _to_table(rows: Rows, schema: pa.Schema) -> pa.Table:
         """The batch as one table, converted a slice at a time with a pause between slices:
-        converting Python objects holds the GIL throughout (about 2 ms per 1,000 rows), and a
-        batch of thousands converted at once would keep every request thread waiting that long;
-        each pause hands them the GIL."""
+        converting Python objects holds the GIL throughout, so a batch of thousands converted
+        at once would keep every request thread waiting until it is done; each pause hands them
+        the GIL."""
         parts = []
         for lo in range(0, len(rows), _CONVERT_ROWS):
             if lo:

@@ -77,10 +77,11 @@ class Settings(BaseSettings):
     # ``impression_flush_rows`` rows or every ``impression_flush_s`` seconds, flushed at
     # shutdown; None: nothing is logged
     impression_log: Path | None = None
-    impression_flush_rows: int = Field(20_000, ge=1)  # ImpressionLogConfig says why
-    impression_flush_s: float = Field(5.0, gt=0)
+    # the defaults are ImpressionLogConfig's (its comments say why)
+    impression_flush_rows: int = Field(ImpressionLogConfig.flush_rows, ge=1)
+    impression_flush_s: float = Field(ImpressionLogConfig.flush_interval_s, gt=0)
     # rows waiting for the log's writer at most; past it rows are dropped and counted on /metrics
-    impression_max_queued_rows: int = Field(200_000, ge=1)
+    impression_max_queued_rows: int = Field(ImpressionLogConfig.max_queued_rows, ge=1)
     # experiments: a second bundle served to ``share_b`` of the users (arm B, the main bundle
     # being arm A), split by a salted hash of the user id: a user stays in one arm
     bundle_b: Path | None = None
