@@ -4,10 +4,16 @@ serving tests' trained bundle, which a fixture of this directory would train a s
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,6 +23,7 @@ from bstrec.monitoring.impressions import (
     ImpressionLog,
     ImpressionLogConfig,
     ImpressionRow,
+    SegmentWriter,
     read_log,
     segments,
 )
@@ -67,14 +74,17 @@ def test_rows_wait_for_a_full_batch_then_are_written(tmp_path: Path) -> None:
         assert frame["prerank_score"].null_count() == 3  # positions 1, 2 of r1 and 1 of r2
 
 
-def test_a_batch_converted_in_slices_keeps_every_row_in_order(tmp_path: Path) -> None:
-    # the writer converts a batch a slice at a time (handing the GIL back in between)
-    n = 2 * _CONVERT_ROWS + 7
-    rows = [impression(f"r{i}", i % 10, ts=float(i)) for i in range(n)]
-    with ImpressionLog(config(tmp_path, flush_rows=n)) as log:
+def test_the_rows_are_written_by_a_process_of_their_own(tmp_path: Path) -> None:
+    """Converting and compressing hold the GIL or the cores: a writer process keeps them off
+    the request threads. Its pid names the segments."""
+    rows = [impression(f"r{i}", i % 10, ts=float(i)) for i in range(2_345)]
+    with ImpressionLog(config(tmp_path, flush_rows=len(rows))) as log:
+        pid = log.writer_pid
+        assert pid is not None and pid != os.getpid()
         log.log_impressions(rows)
-        wait_for(lambda: log.rows_written["impressions"] == n)
+        wait_for(lambda: log.rows_written["impressions"] == len(rows))
     assert read_log(tmp_path).to_dicts() == [{**r} for r in rows]
+    assert [p.name.split("-")[2] for p in segments(tmp_path)] == [str(pid)]
 
 
 def test_the_interval_writes_a_partial_batch(tmp_path: Path) -> None:
@@ -187,24 +197,43 @@ def test_read_log_filters_by_time_and_checks_the_kind(tmp_path: Path) -> None:
 
 def test_a_failed_write_loses_its_batch_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
-    """A write that fails (a full disk) drops its batch, counted, and the writer goes on."""
-    real = ImpressionLog._write
+    """A write that fails (a full disk) drops its batch, counted, and the writer goes on; the
+    writer class runs here in the test's process, where the failure can be injected."""
+    real = SegmentWriter._write
     calls = []
 
-    def fail_first(path: Path, table: object) -> int:
+    def fail_first(path: Path, table: pa.Table) -> int:
         calls.append(path)
         if len(calls) == 1:
             raise OSError(28, "No space left on device")
-        return real(path, table)  # type: ignore[arg-type]
+        return real(path, table)
 
-    monkeypatch.setattr(ImpressionLog, "_write", staticmethod(fail_first))
-    with ImpressionLog(config(tmp_path)) as log:
-        log.log_impressions([impression("lost", p) for p in range(2)])
-        log.flush()
-        log.log_impressions([impression("kept", 0)])
-        log.flush()
-        assert log.rows_lost == 2 and log.rows_written["impressions"] == 1
+    monkeypatch.setattr(SegmentWriter, "_write", staticmethod(fail_first))
+    counters = [0, 0, 0]  # written impressions, written events, lost
+    writer = SegmentWriter(config(tmp_path), counters)
+    assert not writer.add("impressions", [impression("lost", p) for p in range(2)])
+    writer.write_pending()
+    writer.add("impressions", [impression("kept", 0)])
+    writer.write_pending()
+    assert counters == [1, 0, 2]
     assert read_log(tmp_path)["request_id"].to_list() == ["kept"]
+
+
+def test_rows_are_converted_as_they_arrive_and_a_bad_slice_is_lost_alone(tmp_path: Path
+                                                                          ) -> None:
+    counters = [0, 0, 0]
+    writer = SegmentWriter(config(tmp_path, flush_rows=3 * _CONVERT_ROWS), counters)
+    good = [impression(f"r{i}", 0, ts=float(i)) for i in range(2 * _CONVERT_ROWS)]
+    bad = [impression("bad", 0) | {"score": "high"} for _ in range(_CONVERT_ROWS)]
+    assert not writer.add("impressions", good[:_CONVERT_ROWS])  # converted now: 1 slice waits
+    assert not writer.add("impressions", bad)  # refused by the schema: lost, counted
+    assert counters[2] == _CONVERT_ROWS
+    assert not writer.add("impressions", good[_CONVERT_ROWS:-1])
+    assert writer.add("impressions", good[-1:] + good[:_CONVERT_ROWS])  # the batch is full
+    writer.write_pending()
+    assert counters == [3 * _CONVERT_ROWS, 0, _CONVERT_ROWS]
+    assert read_log(tmp_path)["request_id"].to_list() == [
+        r["request_id"] for r in good + good[:_CONVERT_ROWS]]
 
 
 def test_settings_from_the_environment_configure_the_log(tmp_path: Path,
@@ -220,26 +249,74 @@ def test_settings_from_the_environment_configure_the_log(tmp_path: Path,
 
 
 def test_rows_past_max_queued_rows_are_dropped_and_counted(tmp_path: Path) -> None:
-    log = ImpressionLog(ImpressionLogConfig(tmp_path, max_queued_rows=3))
-    gate = threading.Event()
-    real = log._write_pending
-
-    def slow_writer() -> None:  # the writer is stuck behind a slow disk until the gate opens
-        gate.wait(10.0)
-        real()
-
-    log._write_pending = slow_writer  # type: ignore[method-assign]
-    log.log_impressions([impression("first", 0)])
-    flushing = threading.Thread(target=log.flush)  # the writer takes it, then blocks writing
-    flushing.start()
-    time.sleep(0.3)
-    log.log_impressions([impression("queued", p) for p in range(3)])
-    log.log_impressions([impression("dropped", p) for p in range(2)])
-    assert log.rows_dropped == 2
-    gate.set()
-    flushing.join()
+    """A writer that cannot keep up (stopped here, as by a stuck disk) fills the pipe, then the
+    queue; past max_queued_rows new rows are dropped and counted, and the service goes on."""
+    n = 3_000  # far more than a pipe's buffer holds
+    log = ImpressionLog(config(tmp_path, max_queued_rows=3))
+    assert log.writer_pid is not None
+    os.kill(log.writer_pid, signal.SIGSTOP)
+    try:
+        for r in range(n):
+            log.log_impressions([impression(f"r{r}", 0)])
+        wait_for(lambda: log.rows_dropped > 0)
+    finally:
+        os.kill(log.writer_pid, signal.SIGCONT)
     log.close()
-    assert sorted(set(read_log(tmp_path)["request_id"].to_list())) == ["first", "queued"]
-    assert log.rows_written["impressions"] == 4
+    assert log.rows_written["impressions"] + log.rows_dropped == n
+    assert read_log(tmp_path).height == log.rows_written["impressions"] > 0
     with pytest.raises(ValueError, match="max_queued_rows"):
         ImpressionLogConfig(tmp_path, max_queued_rows=0)
+
+
+def test_a_dead_writer_is_replaced_and_its_rows_counted(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bstrec.monitoring.impressions._RESTART_S", 0.0)
+    with ImpressionLog(config(tmp_path)) as log:
+        first = log.writer_pid
+        assert first is not None
+        log.log_impressions([impression("before", 0)])
+        log.flush()
+        os.kill(first, signal.SIGKILL)
+        # reaped: every thread of it gone, its end of the pipe closed with them (a leader that
+        # is already a zombie may have threads still holding it)
+        wait_for(lambda: first not in [p.pid for p in multiprocessing.active_children()])
+        log.log_impressions([impression("unsent", 0)])
+        log.flush()  # sent to a broken pipe: lost, counted
+        log.log_impressions([impression("after", 0)])
+        log.flush()  # a new writer took it
+        assert log.writer_pid not in (None, first)
+        assert log.rows_lost == 1
+    assert read_log(tmp_path)["request_id"].to_list() == ["before", "after"]
+
+
+def test_a_service_that_dies_leaves_its_batch_written(tmp_path: Path) -> None:
+    """The writer reads the end of the pipe when the service process is killed, and writes the
+    batch it holds before exiting."""
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+from pathlib import Path
+from bstrec.monitoring.impressions import _SEND_INTERVAL_S, ImpressionLog, ImpressionLogConfig
+from tests.monitoring.test_impressions import impression
+log = ImpressionLog(ImpressionLogConfig(Path({str(tmp_path)!r}), flush_interval_s=3600.0))
+log.log_impressions([impression("r1", p) for p in range(3)])
+time.sleep(20 * _SEND_INTERVAL_S)  # the sender has passed the rows on to the writer
+print(log.writer_pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    writer = int(done.stdout)
+    wait_for(lambda: not _alive(writer))
+    assert read_log(tmp_path)["request_id"].to_list() == ["r1"] * 3
+
+
+def _alive(pid: int) -> bool:
+    """Its main thread is running (not a zombie waiting to be reaped, as a process whose parent
+    was killed can stay in a container without an init reaping orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
