@@ -142,8 +142,8 @@ class ImpressionLogConfig:
     # last write, whichever first. Every batch rewrites the open segment, so under steady
     # traffic a segment of n rows costs about n^2 / (2 * flush_rows) row writes: with batches
     # as large as a segment, busy traffic writes each row once (1,000-row batches wrote it 10
-    # times, on the cores the requests need), while quiet traffic still writes every
-    # flush_interval_s, which bounds what a crash can lose.
+    # times), while quiet traffic still writes every flush_interval_s, which bounds what a
+    # crash can lose.
     flush_rows: int = 20_000
     flush_interval_s: float = 5.0
     # the writer's CPU per row grows with this limit (above): small segments are cheap, and
