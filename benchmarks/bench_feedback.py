@@ -418,7 +418,8 @@ def main() -> None:
                     help="the alert's default bundle age (stale bundle: twice older)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--n-boot", type=int, default=1000)
-    # one round's p99 moves by a fifth with the shared machine's load: medians over many rounds
+    # one round's p99 moves with the shared machine's load (the markdown prints the range of
+    # the per-round ratios): medians over many rounds
     ap.add_argument("--overhead-rounds", type=int, default=10)
     ap.add_argument("--overhead-s", type=float, default=30.0)
     ap.add_argument("--clients", type=int, default=1)

@@ -8,8 +8,8 @@ batches the rows and writes. A batch is written when ``flush_rows`` rows wait or
 
 Why a process: turning Python rows into Arrow holds the GIL throughout, and a writer thread in
 the service's own process, doing it for batches of thousands, kept the request threads waiting
-(/recommend's p99 on 2 cores 1.28 times that without the log: benchmarks/results/feedback.json
-as of commit e2fd40f; the process below, the same file now). In a process of its own it holds no
+(the logging overhead in benchmarks/results/feedback.json as of commit e2fd40f, against the
+same file now). In a process of its own it holds no
 lock the requests need, and it runs at the lowest CPU priority (``_lower_priority``), so the
 requests have the cores first. Nothing wakes per request either: the sender wakes on a timer.
 
@@ -224,20 +224,19 @@ class SegmentWriter:
         # the next batch: rows not yet converted, then the tables converted so far
         self._rows: dict[Kind, list[Mapping[str, object]]] = {k: [] for k in KINDS}
         self._tables: dict[Kind, list[pa.Table]] = {k: [] for k in KINDS}
-        self._converted: dict[Kind, int] = dict.fromkeys(KINDS, 0)
 
     def add(self, kind: Kind, rows: Rows) -> bool:
         """Queue ``rows`` for the next batch; True when ``flush_rows`` of ``kind`` wait."""
         self._rows[kind].extend(rows)
         if len(self._rows[kind]) >= _CONVERT_ROWS:
             self._convert(kind)
-        return self._converted[kind] + len(self._rows[kind]) >= self.config.flush_rows
+        waiting: int = sum(t.num_rows for t in self._tables[kind]) + len(self._rows[kind])
+        return waiting >= self.config.flush_rows
 
     def _convert(self, kind: Kind) -> None:
         rows, self._rows[kind] = self._rows[kind], []
         try:
             self._tables[kind].append(pa.Table.from_pylist(rows, schema=SCHEMAS[kind]))
-            self._converted[kind] += len(rows)
         except Exception:  # a row the schema refuses loses its slice, not the writer
             self._lost(len(rows), kind, "not converted")
 
@@ -246,7 +245,7 @@ class SegmentWriter:
             if self._rows[kind]:
                 self._convert(kind)
             tables, self._tables[kind] = self._tables[kind], []
-            n, self._converted[kind] = self._converted[kind], 0
+            n = sum(t.num_rows for t in tables)
             if not n:
                 continue
             try:
